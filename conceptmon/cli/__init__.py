@@ -1,0 +1,21 @@
+"""The ``conceptmon`` command: thin Click commands over the library API."""
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="conceptmon")
+def main():
+    """Concept-Monitor: label every neuron of every checkpoint with concepts, place them
+    in one embedding space, and watch how they change over training.
+
+    Typical use: conceptmon init; conceptmon dissect --ckpts runs/x/; conceptmon plot --anchors windmill,field
+    """
+
+
+# Each command lives in its own module; importing it registers it on ``main``.
+from . import dissect  # noqa: E402,F401
+# [commands: add one import line per command module above this marker]

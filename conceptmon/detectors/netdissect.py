@@ -1,0 +1,302 @@
+"""Network Dissection (Bau et al.): IoU between thresholded unit maps and concept masks.
+
+Exact and single-pass. The per-unit threshold T is the exact (1 - quantile) quantile of
+all the unit's activation values over the probe set, which is only known at the end.
+Two facts make one forward pass enough:
+
+* the quantile needs only each unit's top ``K = n - floor((1 - q)(n - 1))`` values, kept
+  in a streaming top-K buffer; its smallest entry is a running *lower bound* on T;
+* a bilinearly upsampled pixel is a convex combination of source activations, so a map
+  whose maximum is <= T has no active pixel at all.
+
+So during the pass we keep only the maps whose maximum exceeds the running bound (at
+most K maps per unit, pruned as the bound rises), and compute the IoUs once T is exact.
+Memory stays proportional to the kept top values, never to all activation maps.
+Probe masks are decoded once per probe set into a memory-mapped cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..concepts import ConceptSet
+from ..store import atomic_path, write_json
+from . import register_detector
+from .base import Detector, DetectorError, LayerAccumulator
+
+CACHE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- pure maths
+
+
+def quantile_keep_count(n_values: int, quantile: float) -> int:
+    """How many top values determine the (1 - quantile) quantile of n values exactly."""
+    lo = math.floor((1.0 - quantile) * (n_values - 1))
+    return n_values - lo
+
+
+def threshold_from_top(top_desc: torch.Tensor, n_values: int, quantile: float) -> torch.Tensor:
+    """Exact (1 - quantile) quantile (linear interpolation, as numpy's default) per row of the
+    descending top-K values ``top_desc`` (U, K) with K = quantile_keep_count(n_values, quantile)."""
+    pos = (1.0 - quantile) * (n_values - 1)
+    lo = math.floor(pos)
+    frac = pos - lo
+    k = n_values - lo
+    v_lo = top_desc[:, k - 1]
+    if frac == 0 or k < 2:
+        return v_lo.clone()
+    v_hi = top_desc[:, k - 2]
+    return v_lo + frac * (v_hi - v_lo)
+
+
+def iou_from_counts(
+    intersection: torch.Tensor, act_area: torch.Tensor, label_area: torch.Tensor, concept_category: torch.Tensor
+) -> torch.Tensor:
+    """IoU[u, c] = I / (A[u, cat(c)] + L[c] - I), 0 where the union is empty.
+
+    intersection (U, M); act_area (U, n_categories); label_area (M,); concept_category (M,) long.
+    """
+    union = act_area[:, concept_category] + label_area[None, :] - intersection
+    return torch.where(union > 0, intersection / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+# ----------------------------------------------------------------------------- probe masks cache
+
+
+@dataclass
+class MaskCache:
+    """Every probe image's labels, decoded once: pixel maps (N, n_maps, h, w) memory-mapped."""
+
+    pixel_maps: np.ndarray
+    label_offsets: np.ndarray  # CSR over images: image i's whole-image labels are
+    label_values: np.ndarray  # label_values[label_offsets[i]:label_offsets[i + 1]]
+    categories_present: np.ndarray  # (N, n_categories) bool
+    label_area: np.ndarray  # (M,) float64 pixels per concept over the probe set
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        return tuple(self.pixel_maps.shape[2:])
+
+
+def build_mask_cache(probe, folder: Path, log=lambda m: None) -> MaskCache:
+    """Decode every annotation of ``probe`` into ``folder`` (reused when complete)."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") == CACHE_FORMAT:
+            return _open_mask_cache(folder, meta)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(probe)
+    h, w = probe.mask_size
+    m = len(probe.concepts)
+    k = len(probe.category_names)
+    log(f"decoding masks of {n} probe images (once per probe set) ...")
+    annotations = []
+    n_maps = 0
+    # First pass finds the widest stack of maps so the memmap can be allocated once.
+    for i in range(n):
+        a = probe.load_annotation(i)
+        if a.pixel_maps.shape[1:] != (h, w) and a.pixel_maps.shape[0] > 0:
+            raise DetectorError(
+                f"{probe.relpath(i)}: masks are {a.pixel_maps.shape[1:]}, expected {(h, w)} like the rest of the probe set"
+            )
+        n_maps = max(n_maps, a.pixel_maps.shape[0])
+        annotations.append(a)
+    dtype = np.int16 if m < 32767 else np.int32
+    maps_file = folder / "pixel_maps.npy"
+    with atomic_path(maps_file) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, max(n_maps, 1), h, w))
+        label_area = np.zeros(m + 1, dtype=np.float64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        values, present = [], np.zeros((n, k), dtype=bool)
+        for i, a in enumerate(annotations):
+            arr[i] = 0
+            if a.pixel_maps.shape[0]:
+                arr[i, : a.pixel_maps.shape[0]] = a.pixel_maps
+                label_area += np.bincount(a.pixel_maps.reshape(-1), minlength=m + 1)[: m + 1]
+            labels = np.unique(np.asarray(a.image_labels, dtype=np.int64))
+            values.append(labels)
+            offsets[i + 1] = offsets[i] + len(labels)
+            np.add.at(label_area, labels + 1, float(h * w))
+            present[i] = a.categories_present
+        arr.flush()
+        del arr
+    np.save(folder / "label_offsets.npy", offsets)
+    np.save(folder / "label_values.npy", np.concatenate(values) if values else np.zeros(0, np.int64))
+    np.save(folder / "categories_present.npy", present)
+    np.save(folder / "label_area.npy", label_area[1:])
+    meta = {"format": CACHE_FORMAT, "n_images": n, "fingerprint": probe.fingerprint()}
+    write_json(meta_path, meta)  # written last: marks the cache complete
+    return _open_mask_cache(folder, meta)
+
+
+def _open_mask_cache(folder: Path, meta: dict) -> MaskCache:
+    return MaskCache(
+        pixel_maps=np.load(folder / "pixel_maps.npy", mmap_mode="r"),
+        label_offsets=np.load(folder / "label_offsets.npy"),
+        label_values=np.load(folder / "label_values.npy"),
+        categories_present=np.load(folder / "categories_present.npy"),
+        label_area=np.load(folder / "label_area.npy"),
+    )
+
+
+# ----------------------------------------------------------------------------- the detector
+
+
+@register_detector
+class NetDissect(Detector):
+    """IoU of each unit's top-quantile region with each concept's mask (score = IoU)."""
+
+    name = "netdissect"
+    default_threshold = 0.04  # Bau et al.: a unit is interpretable when its best IoU >= 0.04
+    needs_masks = True
+
+    def __init__(self, cfg, probe, ctx):
+        super().__init__(cfg, probe, ctx)
+        self.quantile = cfg.detector.quantile
+        self.masks: MaskCache | None = None
+        cats = list(probe.category_names)
+        self._concept_category = torch.tensor(
+            [cats.index(c) if c in cats else 0 for c in probe.concepts.categories], dtype=torch.long
+        )
+
+    @property
+    def concepts(self) -> ConceptSet:
+        return self.probe.concepts
+
+    def settings(self) -> dict:
+        return {**super().settings(), "quantile": self.quantile}
+
+    def prepare(self) -> None:
+        folder = self.ctx.cache_dir / f"masks-{self.probe.fingerprint()}"
+        self.masks = build_mask_cache(self.probe, folder, self.ctx.log)
+
+    def accumulator(self, layer: str, n_units: int) -> LayerAccumulator:
+        if self.masks is None:
+            self.prepare()
+        return _IoUAccumulator(self, layer, n_units)
+
+
+class _IoUAccumulator(LayerAccumulator):
+    def __init__(self, det: NetDissect, layer: str, n_units: int):
+        self.det = det
+        self.layer = layer
+        self.n_units = n_units
+        self.device = det.ctx.device
+        self.n_images = len(det.probe)
+        self.top: torch.Tensor | None = None  # (U, K) descending
+        self.k = 0
+        self.n_values = 0
+        # Candidate maps: the only activations kept, those that may hold active pixels.
+        self.maps: list[torch.Tensor] = []
+        self.units: list[torch.Tensor] = []
+        self.images: list[torch.Tensor] = []
+        self.maxima: list[torch.Tensor] = []
+        self.kept = 0
+        self.kept_at_prune = 0
+
+    def _bound(self) -> torch.Tensor:
+        """Running lower bound on each unit's final threshold (-inf until K values were seen)."""
+        return self.top[:, self.k - 1]
+
+    def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
+        if acts.dim() != 4:
+            raise DetectorError(
+                f"layer {self.layer}: netdissect needs convolutional maps (N, C, H, W), got shape "
+                f"{tuple(acts.shape)}; use detector clip-dissect for this layer"
+            )
+        acts = acts.float()
+        b, u, h, w = acts.shape
+        if self.top is None:
+            self.n_values = self.n_images * h * w
+            self.k = quantile_keep_count(self.n_values, self.det.quantile)
+            self.top = torch.full((u, self.k), -math.inf, device=acts.device)
+            self.map_shape = (h, w)
+        flat = acts.permute(1, 0, 2, 3).reshape(u, b * h * w)
+        merged = torch.cat([self.top, flat], dim=1)
+        self.top = merged.topk(min(self.k, merged.shape[1]), dim=1, sorted=True).values
+        if self.top.shape[1] < self.k:  # fewer values seen than K so far
+            pad = torch.full((u, self.k - self.top.shape[1]), -math.inf, device=acts.device)
+            self.top = torch.cat([self.top, pad], dim=1)
+
+        bound = self._bound()
+        maxima = acts.amax(dim=(2, 3))  # (B, U)
+        img_i, unit_i = torch.nonzero(maxima > bound[None, :], as_tuple=True)
+        if img_i.numel():
+            self.maps.append(acts[img_i, unit_i])
+            self.units.append(unit_i)
+            self.images.append(index.to(acts.device)[img_i])
+            self.maxima.append(maxima[img_i, unit_i])
+            self.kept += img_i.numel()
+        if self.kept > 2 * max(self.kept_at_prune, self.n_units * 8):
+            self._prune(bound)
+
+    def _prune(self, bound: torch.Tensor) -> None:
+        if not self.maps:
+            return
+        maps, units, images, maxima = (torch.cat(x) for x in (self.maps, self.units, self.images, self.maxima))
+        keep = maxima > bound[units]
+        self.maps, self.units, self.images, self.maxima = [maps[keep]], [units[keep]], [images[keep]], [maxima[keep]]
+        self.kept = self.kept_at_prune = int(keep.sum())
+
+    def thresholds(self) -> torch.Tensor:
+        return threshold_from_top(self.top, self.n_values, self.det.quantile)
+
+    def scores(self) -> torch.Tensor:
+        det, masks = self.det, self.det.masks
+        n_concepts = len(det.concepts)
+        n_cat = max(len(det.probe.category_names), 1)
+        dev = self.device
+        if self.top is None:
+            raise DetectorError(f"layer {self.layer}: no activations were recorded")
+        thresh = self.thresholds()
+        self._prune(thresh)  # maps whose maximum is <= T cannot have an active pixel
+        inter = torch.zeros(self.n_units * (n_concepts + 1), dtype=torch.float64, device=dev)
+        act_area = torch.zeros(self.n_units, n_cat, dtype=torch.float64, device=dev)
+        if self.maps:
+            maps, units, images = self.maps[0], self.units[0], self.images[0]
+            mh, mw = masks.mask_size
+            present = torch.from_numpy(masks.categories_present).to(dev)
+            offsets = torch.from_numpy(masks.label_offsets).to(dev)
+            values = torch.from_numpy(masks.label_values).to(dev)
+            # Chunks bound the memory of the upsampled maps: ~64 MB of floats each.
+            chunk = max(1, (16 << 20) // (mh * mw))
+            order = torch.argsort(images)  # neighbouring reads in the memory-mapped masks
+            for start in range(0, order.numel(), chunk):
+                sel = order[start : start + chunk]
+                u_s, img_s = units[sel], images[sel]
+                up = F.interpolate(maps[sel][:, None], size=(mh, mw), mode="bilinear", align_corners=False)[:, 0]
+                active = up > thresh[u_s][:, None, None]
+                area = active.sum(dim=(1, 2)).to(torch.float64)
+                act_area.index_add_(0, u_s, area[:, None] * present[img_s].to(torch.float64))
+                img_np = img_s.cpu().numpy()
+                uniq, inverse = np.unique(img_np, return_inverse=True)
+                labels = torch.from_numpy(np.asarray(masks.pixel_maps[uniq], dtype=np.int64)).to(dev)
+                labels = labels[torch.from_numpy(inverse).to(dev)]  # (s, n_maps, mh, mw)
+                base = (u_s * (n_concepts + 1))[:, None, None]
+                for j in range(labels.shape[1]):
+                    lab = labels[:, j]
+                    hit = active & (lab > 0)
+                    inter += torch.bincount((base + lab)[hit], minlength=inter.numel()).to(torch.float64)
+                # Whole-image labels: every active pixel of the image intersects them.
+                counts = offsets[img_s + 1] - offsets[img_s]
+                if int(counts.sum()):
+                    rep = torch.repeat_interleave(torch.arange(sel.numel(), device=dev), counts)
+                    starts = torch.repeat_interleave(offsets[img_s], counts)
+                    within = torch.arange(rep.numel(), device=dev) - torch.repeat_interleave(
+                        torch.cumsum(counts, 0) - counts, counts
+                    )
+                    concept = values[starts + within]
+                    inter.index_add_(0, u_s[rep] * (n_concepts + 1) + concept + 1, area[rep])
+        inter = inter.view(self.n_units, n_concepts + 1)[:, 1:]
+        label_area = torch.from_numpy(masks.label_area).to(dev)
+        iou = iou_from_counts(inter, act_area, label_area, det._concept_category.to(dev))
+        return iou.float()

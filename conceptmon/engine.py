@@ -1,0 +1,353 @@
+"""The dissection engine: checkpoints -> one forward pass per batch -> per-epoch Parquet.
+
+``dissect_run`` is what ``conceptmon dissect`` calls; ``dissect_model`` labels the
+neurons of one in-memory model and is what the training-loop API builds on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__, store
+from .checkpoints import CheckpointError, CheckpointFile, apply_state_dict, file_sha256, find_checkpoints, load_state_dict
+from .config import Config, ConfigError, resolve_out, run_name
+from .detectors import Detector, RunContext, create_detector
+from .errors import ConceptmonError
+from .hooks import LayerTrace, resolve_layers
+from .models import build_model, resolve_device
+from .probes import ImageDataset, ProbeSet, create_probe
+
+TOP_IMAGES_PER_NEURON = 10
+
+
+class ActivationError(ConceptmonError):
+    """A layer produced NaN or infinite activations."""
+
+
+# ----------------------------------------------------------------------------- streaming top images
+
+
+class TopImages:
+    """Running top-k probe images per unit by maximum activation (O(units * k) memory)."""
+
+    def __init__(self, k: int = TOP_IMAGES_PER_NEURON):
+        self.k = k
+        self.values: torch.Tensor | None = None  # (U, k)
+        self.index: torch.Tensor | None = None
+
+    def add(self, per_image: torch.Tensor, index: torch.Tensor) -> None:
+        """per_image: (B, U) one value per image and unit."""
+        vals = per_image.t()
+        idx = index.to(vals.device)[None, :].expand_as(vals)
+        if self.values is not None:
+            vals = torch.cat([self.values, vals], dim=1)
+            idx = torch.cat([self.index, idx], dim=1)
+        top = vals.topk(min(self.k, vals.shape[1]), dim=1)
+        self.values, self.index = top.values, torch.gather(idx, 1, top.indices)
+
+
+def per_image_max(acts: torch.Tensor) -> torch.Tensor:
+    """(B, U) maximum of each unit's output per image: spatial max of maps, tokens' max."""
+    if acts.dim() == 4:
+        return acts.amax(dim=(2, 3))
+    if acts.dim() == 3:
+        return acts.amax(dim=1)
+    return acts
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+@dataclass
+class LayerResult:
+    scores: torch.Tensor  # (U, M)
+    top_values: torch.Tensor  # (U, k) activations of the top images
+    top_index: torch.Tensor  # (U, k) probe indices
+
+
+def make_loader(probe: ProbeSet, cfg: Config, device: torch.device):
+    dataset = ImageDataset(probe, cfg.probe.image_size, cfg.probe.mean, cfg.probe.std)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def collect_layers(
+    model: torch.nn.Module,
+    layers: list[str],
+    loader,
+    detector: Detector,
+    device: torch.device,
+    amp: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, LayerResult]:
+    """One forward pass per batch feeds every layer's detector accumulator and top images."""
+    model.eval().to(device)
+    accs, tops = {}, {name: TopImages() for name in layers}
+    total = len(loader.dataset)
+    done = 0
+    with torch.no_grad(), LayerTrace(model, layers) as trace:
+        for x, index in loader:
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=amp):
+                outputs = trace.run(x)
+            for name in layers:
+                act = outputs[name].float()
+                if not torch.isfinite(act).all():
+                    raise ActivationError(
+                        f"layer {name}: NaN or infinite activations (images {int(index[0])}..{int(index[-1])}); "
+                        f"is the checkpoint diverged?"
+                    )
+                if name not in accs:
+                    accs[name] = detector.accumulator(name, act.shape[1] if act.dim() != 3 else act.shape[2])
+                accs[name].add(act, index)
+                tops[name].add(per_image_max(act), index)
+            done += x.shape[0]
+            if progress:
+                progress(done, total)
+    return {
+        name: LayerResult(accs[name].scores(), tops[name].values, tops[name].index) for name in layers
+    }
+
+
+def result_tables(
+    results: dict[str, LayerResult], detector: Detector, probe: ProbeSet, *, run: str, epoch: int, top_k: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The DISSECT and TOP_IMAGES rows for one epoch, built column-wise (no per-row Python)."""
+    names = np.asarray(detector.concepts.names, dtype=object)
+    cats = np.asarray(detector.concepts.categories, dtype=object)
+    relpaths = None
+    dissect_parts, image_parts = [], []
+    for layer, res in results.items():
+        scores = res.scores.float().cpu()
+        n_units, n_concepts = scores.shape
+        k = min(top_k, n_concepts)
+        top = scores.topk(k, dim=1)
+        vals, idx = top.values.numpy(), top.indices.numpy()
+        interpretable = vals[:, 0] >= detector.threshold
+        dissect_parts.append(
+            pd.DataFrame(
+                {
+                    "run": run,
+                    "epoch": np.int32(epoch),
+                    "layer": layer,
+                    "neuron": np.repeat(np.arange(n_units, dtype=np.int32), k),
+                    "rank": np.tile(np.arange(k, dtype=np.int16), n_units),
+                    "concept": names[idx.reshape(-1)],
+                    "category": cats[idx.reshape(-1)],
+                    "score": vals.reshape(-1).astype(np.float32),
+                    "distance": (-vals.reshape(-1)).astype(np.float32),
+                    "interpretable": np.repeat(interpretable, k),
+                    "detector": detector.name,
+                }
+            )
+        )
+        tv, ti = res.top_values.float().cpu().numpy(), res.top_index.cpu().numpy()
+        if relpaths is None:
+            relpaths = np.asarray([probe.relpath(i) for i in range(len(probe))], dtype=object)
+        n_top = tv.shape[1]
+        image_parts.append(
+            pd.DataFrame(
+                {
+                    "epoch": np.int32(epoch),
+                    "layer": layer,
+                    "neuron": np.repeat(np.arange(n_units, dtype=np.int32), n_top),
+                    "rank": np.tile(np.arange(n_top, dtype=np.int16), n_units),
+                    "image": relpaths[ti.reshape(-1)],
+                    "activation": tv.reshape(-1).astype(np.float32),
+                }
+            )
+        )
+    return pd.concat(dissect_parts, ignore_index=True), pd.concat(image_parts, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- a run
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Hash of what changes dissection results (not device, batch size, paths or workers)."""
+    d = cfg.to_dict()
+    relevant = {k: d[k] for k in ("model", "layers", "probe", "detector", "concepts", "top_k")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def versions() -> dict:
+    import torchvision
+
+    return {
+        "conceptmon": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _manifest(cfg: Config, out: Path, ckpt_dir: Path, probe: ProbeSet, detector: Detector, fingerprint: str) -> dict:
+    concepts = detector.concepts
+    return {
+        "run": run_name(cfg, out),
+        "config": cfg.to_dict(),
+        "config_fingerprint": fingerprint,
+        "detector": detector.settings(),
+        "concepts": {
+            "names": list(concepts.names),
+            "categories": list(concepts.categories),
+            "fingerprint": concepts.fingerprint(),
+            "source": concepts.source,
+        },
+        "probe": {
+            "name": probe.name,
+            "root": str(Path(probe.root).resolve()),
+            "fingerprint": probe.fingerprint(),
+            "n_images": len(probe),
+        },
+        "layers": list(cfg.layers),
+        "checkpoints": str(Path(ckpt_dir).resolve()),
+        "versions": versions(),
+    }
+
+
+def _check_previous(out: Path, fingerprint: str, cfg: Config, force: bool) -> None:
+    path = out / store.MANIFEST
+    if not path.exists() or force:
+        return
+    old = store.read_json(path)
+    if old.get("config_fingerprint") == fingerprint or not store.finished_epochs(out):
+        return
+    keys = ("model", "layers", "probe", "detector", "concepts", "top_k")
+    diff = _config_diff({k: old.get("config", {}).get(k) for k in keys}, {k: cfg.to_dict()[k] for k in keys})
+    what = "; ".join(diff[:3]) or "settings differ"
+    raise ConfigError(
+        f"{out}: holds results made with another config ({what}); pass --force to redo them, or use another --out"
+    )
+
+
+def select_checkpoints(
+    files: list[CheckpointFile], epochs: list[int] | None, shard: tuple[int, int] | None
+) -> list[CheckpointFile]:
+    if epochs is not None:
+        available = [f.epoch for f in files]
+        unknown = sorted(set(epochs) - set(available))
+        if unknown:
+            raise CheckpointError(f"--epochs: no checkpoint for epochs {unknown}; available: {available}")
+        files = [f for f in files if f.epoch in set(epochs)]
+    if shard is not None:
+        i, n = shard
+        files = files[i::n]
+    return files
+
+
+def resolve_ckpt_dir(cfg: Config, ckpts: str | Path | None) -> Path:
+    if ckpts:
+        return Path(ckpts)
+    if cfg.checkpoints:
+        return Path(cfg.checkpoints)
+    raise ConfigError("no checkpoint folder: pass --ckpts DIR or set checkpoints: in the config")
+
+
+def dissect_run(
+    cfg: Config,
+    *,
+    ckpts: str | Path | None = None,
+    out: str | Path | None = None,
+    epochs: list[int] | None = None,
+    force: bool = False,
+    shard: tuple[int, int] | None = None,
+    trust_checkpoints: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[int]:
+    """Dissect every (selected) checkpoint; returns the epochs written in this call.
+
+    Everything that can be checked is checked before the first forward pass: the
+    checkpoint folder, the architecture, the layer names, the probe set and the output
+    folder's previous config.
+    """
+    out = resolve_out(cfg, str(out) if out else None)
+    ckpt_dir = resolve_ckpt_dir(cfg, ckpts)
+    if shard is not None and not (0 <= shard[0] < shard[1]):
+        raise ConfigError(f"--shard: expected I/N with 0 <= I < N, got {shard[0]}/{shard[1]}")
+    files = select_checkpoints(find_checkpoints(ckpt_dir, trust_checkpoints), epochs, shard)
+    model = build_model(cfg.model)
+    resolve_layers(model, cfg.layers)
+    device = resolve_device(cfg.device)
+    probe = create_probe(cfg.probe)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else store.cache_dir(out)
+    ctx = RunContext(device=device, cache_dir=cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers, log=log)
+    detector = create_detector(cfg, probe, ctx)
+    fingerprint = config_fingerprint(cfg)
+    _check_previous(out, fingerprint, cfg, force)
+
+    todo = []
+    for f in files:
+        record_path = store.epoch_record_path(out, f.epoch)
+        if record_path.exists() and not force:
+            record = store.read_json(record_path)
+            if record.get("config_fingerprint") == fingerprint and record.get("sha256") == file_sha256(f.path):
+                log(f"epoch {f.epoch}: already dissected, skipping (--force redoes it)")
+                continue
+        todo.append(f)
+    if not todo:
+        return []
+
+    manifest = _manifest(cfg, out, ckpt_dir, probe, detector, fingerprint)
+    store.write_json(out / store.MANIFEST, manifest)
+    detector.prepare()
+    loader = make_loader(probe, cfg, device)
+    written = []
+    for f in todo:
+        t0 = time.perf_counter()
+        sha = file_sha256(f.path)
+        state = load_state_dict(f.path, trust_checkpoints)
+        apply_state_dict(model, state, f.path)
+        del state
+        log(f"epoch {f.epoch}: dissecting {f.path.name} on {device} ({len(probe)} probe images)")
+        results = collect_layers(model, cfg.layers, loader, detector, device, amp=cfg.amp)
+        dissect_df, images_df = result_tables(results, detector, probe, run=manifest["run"], epoch=f.epoch, top_k=cfg.top_k)
+        # Tables first, record last: an epoch without its record is simply redone.
+        store.write_table(store.dissect_path(out, f.epoch), dissect_df, store.DISSECT)
+        store.write_table(store.top_images_path(out, f.epoch), images_df, store.TOP_IMAGES)
+        seconds = time.perf_counter() - t0
+        best = dissect_df[dissect_df["rank"] == 0]
+        counts = {layer: int(best[best.layer == layer].interpretable.sum()) for layer in cfg.layers}
+        store.write_json(
+            store.epoch_record_path(out, f.epoch),
+            {
+                "epoch": f.epoch,
+                "checkpoint": str(f.path.resolve()),
+                "sha256": sha,
+                "config_fingerprint": fingerprint,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3),
+                "interpretable": counts,
+            },
+        )
+        summary = ", ".join(f"{layer} {n}/{int((best.layer == layer).sum())}" for layer, n in counts.items())
+        log(f"epoch {f.epoch}: done in {seconds:.1f}s; interpretable neurons: {summary}")
+        written.append(f.epoch)
+    return written
