@@ -104,28 +104,38 @@ def read_epoch(path: Path, trust: bool = False) -> int:
     return epoch
 
 
-def find_checkpoints(folder: str | Path, trust: bool = False) -> list[CheckpointFile]:
-    """Checkpoints in ``folder`` (not recursive), sorted by epoch; duplicate epochs are an error."""
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """Candidate files in ``folder`` (not recursive); hidden and temporary files are ignored."""
     folder = Path(folder)
     if not folder.exists():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (--ckpts takes the folder of per-epoch checkpoints)")
-    files = sorted(
+    return sorted(
         p for p in folder.iterdir()
         if p.is_file() and p.suffix in EXTENSIONS and not p.name.startswith(".")
     )
+
+
+def by_epoch(folder: Path, found: list[tuple[Path, int]]) -> list[CheckpointFile]:
+    """Sorted by epoch; two files with one epoch are an error naming both."""
+    seen: dict[int, Path] = {}
+    for path, epoch in found:
+        if epoch in seen:
+            raise CheckpointError(f"{folder}: two checkpoints for epoch {epoch}: {seen[epoch].name} and {path.name}")
+        seen[epoch] = path
+    return [CheckpointFile(seen[e], e) for e in sorted(seen)]
+
+
+def find_checkpoints(folder: str | Path, trust: bool = False) -> list[CheckpointFile]:
+    """Checkpoints in ``folder``, sorted by epoch; any unreadable file is an error."""
+    folder = Path(folder)
+    files = checkpoint_files(folder)
     if not files:
         raise CheckpointError(
             f"{folder}: no checkpoints (expected files ending in {', '.join(EXTENSIONS)})"
         )
-    by_epoch: dict[int, Path] = {}
-    for p in files:
-        e = read_epoch(p, trust)
-        if e in by_epoch:
-            raise CheckpointError(f"{folder}: two checkpoints for epoch {e}: {by_epoch[e].name} and {p.name}")
-        by_epoch[e] = p
-    return [CheckpointFile(by_epoch[e], e) for e in sorted(by_epoch)]
+    return by_epoch(folder, [(p, read_epoch(p, trust)) for p in files])
 
 
 def _is_tensor_dict(obj) -> bool:

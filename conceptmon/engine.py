@@ -208,7 +208,7 @@ def versions() -> dict:
     }
 
 
-def _manifest(cfg: Config, out: Path, ckpt_dir: Path, probe: ProbeSet, detector: Detector, fingerprint: str) -> dict:
+def _manifest(cfg: Config, out: Path, ckpt_dir: str, probe: ProbeSet, detector: Detector, fingerprint: str) -> dict:
     concepts = detector.concepts
     return {
         "run": run_name(cfg, out),
@@ -228,7 +228,7 @@ def _manifest(cfg: Config, out: Path, ckpt_dir: Path, probe: ProbeSet, detector:
             "n_images": len(probe),
         },
         "layers": list(cfg.layers),
-        "checkpoints": str(Path(ckpt_dir).resolve()),
+        "checkpoints": ckpt_dir,
         "versions": versions(),
     }
 
@@ -271,6 +271,124 @@ def resolve_ckpt_dir(cfg: Config, ckpts: str | Path | None) -> Path:
     raise ConfigError("no checkpoint folder: pass --ckpts DIR or set checkpoints: in the config")
 
 
+class Dissector:
+    """What stays fixed across the checkpoints of one run, checked and prepared once.
+
+    Everything that can be checked is checked in the constructor, before any forward
+    pass or output: the architecture, the layer names, the probe set, the detector and
+    the output folder's previous config.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        out: str | Path | None = None,
+        *,
+        checkpoints: str | Path | None = None,
+        force: bool = False,
+        model: torch.nn.Module | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.cfg = cfg
+        self.out = resolve_out(cfg, str(out) if out else None)
+        self.log = log
+        self.force = force
+        self.model = model if model is not None else build_model(cfg.model)
+        resolve_layers(self.model, cfg.layers)
+        if model is not None:  # a live training model stays where it is
+            param = next(model.parameters(), None)
+            self.device = param.device if param is not None else resolve_device(cfg.device)
+        else:
+            self.device = resolve_device(cfg.device)
+        self.probe = create_probe(cfg.probe)
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else store.cache_dir(self.out)
+        self.ctx = RunContext(
+            device=self.device, cache_dir=cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers, log=log
+        )
+        self.detector = create_detector(cfg, self.probe, self.ctx)
+        self.fingerprint = config_fingerprint(cfg)
+        _check_previous(self.out, self.fingerprint, cfg, force)
+        self.checkpoints = str(Path(checkpoints).resolve()) if checkpoints else "(in memory)"
+        self._loader = None
+
+    def is_done(self, epoch: int, sha: str) -> bool:
+        record_path = store.epoch_record_path(self.out, epoch)
+        if self.force or not record_path.exists():
+            return False
+        record = store.read_json(record_path)
+        return record.get("config_fingerprint") == self.fingerprint and record.get("sha256") == sha
+
+    def _prepare(self) -> None:
+        if self._loader is not None:
+            return
+        manifest = _manifest(self.cfg, self.out, self.checkpoints, self.probe, self.detector, self.fingerprint)
+        store.write_json(self.out / store.MANIFEST, manifest)
+        self.run = manifest["run"]
+        self.detector.prepare()
+        self._loader = make_loader(self.probe, self.cfg, self.device)
+
+    def dissect_current(self, epoch: int, source: str, sha: str) -> tuple[pd.DataFrame, dict]:
+        """Dissect ``self.model`` as it is now; write the epoch's tables, then its record."""
+        self._prepare()
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        try:
+            results = collect_layers(self.model, self.cfg.layers, self._loader, self.detector, self.device,
+                                     amp=self.cfg.amp)
+        finally:
+            self.model.train(was_training)
+        dissect_df, images_df = result_tables(results, self.detector, self.probe, run=self.run, epoch=epoch,
+                                              top_k=self.cfg.top_k)
+        # Tables first, record last: an epoch without its record is simply redone.
+        store.write_table(store.dissect_path(self.out, epoch), dissect_df, store.DISSECT)
+        store.write_table(store.top_images_path(self.out, epoch), images_df, store.TOP_IMAGES)
+        best = dissect_df[dissect_df["rank"] == 0]
+        summary = {
+            layer: {"interpretable": int(best[best.layer == layer].interpretable.sum()),
+                    "neurons": int((best.layer == layer).sum()),
+                    "concepts": int(best[(best.layer == layer) & best.interpretable].concept.nunique())}
+            for layer in self.cfg.layers
+        }
+        seconds = time.perf_counter() - t0
+        store.write_json(
+            store.epoch_record_path(self.out, epoch),
+            {
+                "epoch": epoch,
+                "checkpoint": source,
+                "sha256": sha,
+                "config_fingerprint": self.fingerprint,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3),
+                "layers": summary,
+            },
+        )
+        line = ", ".join(f"{layer} {v['interpretable']}/{v['neurons']}" for layer, v in summary.items())
+        self.log(f"epoch {epoch}: done in {seconds:.1f}s; interpretable neurons: {line}")
+        return dissect_df, summary
+
+    def dissect_file(self, ckpt: CheckpointFile, trust: bool = False) -> bool:
+        """Dissect one checkpoint file unless already done; True when it was dissected now."""
+        sha = file_sha256(ckpt.path)
+        if self.is_done(ckpt.epoch, sha):
+            self.log(f"epoch {ckpt.epoch}: already dissected, skipping (--force redoes it)")
+            return False
+        state = load_state_dict(ckpt.path, trust)
+        apply_state_dict(self.model, state, ckpt.path)
+        del state
+        self.log(f"epoch {ckpt.epoch}: dissecting {ckpt.path.name} on {self.device} ({len(self.probe)} probe images)")
+        self.dissect_current(ckpt.epoch, str(ckpt.path.resolve()), sha)
+        return True
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """Hash of a live model's weights, standing in for a checkpoint file's hash."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def dissect_run(
     cfg: Config,
     *,
@@ -282,72 +400,10 @@ def dissect_run(
     trust_checkpoints: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[int]:
-    """Dissect every (selected) checkpoint; returns the epochs written in this call.
-
-    Everything that can be checked is checked before the first forward pass: the
-    checkpoint folder, the architecture, the layer names, the probe set and the output
-    folder's previous config.
-    """
-    out = resolve_out(cfg, str(out) if out else None)
+    """Dissect every (selected) checkpoint; returns the epochs written in this call."""
     ckpt_dir = resolve_ckpt_dir(cfg, ckpts)
     if shard is not None and not (0 <= shard[0] < shard[1]):
         raise ConfigError(f"--shard: expected I/N with 0 <= I < N, got {shard[0]}/{shard[1]}")
     files = select_checkpoints(find_checkpoints(ckpt_dir, trust_checkpoints), epochs, shard)
-    model = build_model(cfg.model)
-    resolve_layers(model, cfg.layers)
-    device = resolve_device(cfg.device)
-    probe = create_probe(cfg.probe)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else store.cache_dir(out)
-    ctx = RunContext(device=device, cache_dir=cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers, log=log)
-    detector = create_detector(cfg, probe, ctx)
-    fingerprint = config_fingerprint(cfg)
-    _check_previous(out, fingerprint, cfg, force)
-
-    todo = []
-    for f in files:
-        record_path = store.epoch_record_path(out, f.epoch)
-        if record_path.exists() and not force:
-            record = store.read_json(record_path)
-            if record.get("config_fingerprint") == fingerprint and record.get("sha256") == file_sha256(f.path):
-                log(f"epoch {f.epoch}: already dissected, skipping (--force redoes it)")
-                continue
-        todo.append(f)
-    if not todo:
-        return []
-
-    manifest = _manifest(cfg, out, ckpt_dir, probe, detector, fingerprint)
-    store.write_json(out / store.MANIFEST, manifest)
-    detector.prepare()
-    loader = make_loader(probe, cfg, device)
-    written = []
-    for f in todo:
-        t0 = time.perf_counter()
-        sha = file_sha256(f.path)
-        state = load_state_dict(f.path, trust_checkpoints)
-        apply_state_dict(model, state, f.path)
-        del state
-        log(f"epoch {f.epoch}: dissecting {f.path.name} on {device} ({len(probe)} probe images)")
-        results = collect_layers(model, cfg.layers, loader, detector, device, amp=cfg.amp)
-        dissect_df, images_df = result_tables(results, detector, probe, run=manifest["run"], epoch=f.epoch, top_k=cfg.top_k)
-        # Tables first, record last: an epoch without its record is simply redone.
-        store.write_table(store.dissect_path(out, f.epoch), dissect_df, store.DISSECT)
-        store.write_table(store.top_images_path(out, f.epoch), images_df, store.TOP_IMAGES)
-        seconds = time.perf_counter() - t0
-        best = dissect_df[dissect_df["rank"] == 0]
-        counts = {layer: int(best[best.layer == layer].interpretable.sum()) for layer in cfg.layers}
-        store.write_json(
-            store.epoch_record_path(out, f.epoch),
-            {
-                "epoch": f.epoch,
-                "checkpoint": str(f.path.resolve()),
-                "sha256": sha,
-                "config_fingerprint": fingerprint,
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(seconds, 3),
-                "interpretable": counts,
-            },
-        )
-        summary = ", ".join(f"{layer} {n}/{int((best.layer == layer).sum())}" for layer, n in counts.items())
-        log(f"epoch {f.epoch}: done in {seconds:.1f}s; interpretable neurons: {summary}")
-        written.append(f.epoch)
-    return written
+    dissector = Dissector(cfg, out, checkpoints=ckpt_dir, force=force, log=log)
+    return [f.epoch for f in files if dissector.dissect_file(f, trust_checkpoints)]

@@ -247,6 +247,12 @@ class _IoUAccumulator(LayerAccumulator):
         self.maps, self.units, self.images, self.maxima = [maps[keep]], [units[keep]], [images[keep]], [maxima[keep]]
         self.kept = self.kept_at_prune = int(keep.sum())
 
+    def state_bytes(self) -> dict:
+        """Memory held between batches: the top-K buffer and the candidate maps."""
+        top = self.top.numel() * self.top.element_size() if self.top is not None else 0
+        maps = sum(m.numel() * m.element_size() for m in self.maps)
+        return {"top_values": top, "candidate_maps": maps, "k": self.k, "candidate_count": self.kept}
+
     def thresholds(self) -> torch.Tensor:
         return threshold_from_top(self.top, self.n_values, self.det.quantile)
 

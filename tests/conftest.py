@@ -1,0 +1,33 @@
+import pytest
+
+from conceptmon.probes import register_probe
+
+from .fakes import random_probe
+
+
+@pytest.fixture
+def array_probe_config():
+    """Registers an in-memory probe set and returns a config dict that uses it with TinyConv."""
+    register_probe("test-array")(lambda cfg: random_probe(n=cfg.limit or 12))
+    return {
+        "model": {"arch": "tests.fakes:TinyConv", "kwargs": {}},
+        "layers": ["conv1", "conv2"],
+        "probe": {"name": "test-array", "mean": [0, 0, 0], "std": [1, 1, 1]},
+        "detector": {"quantile": 0.05},
+        "batch_size": 5,
+        "top_k": 3,
+    }
+
+
+@pytest.fixture
+def tiny_ckpts(tmp_path):
+    """Three per-epoch checkpoints of TinyConv (epochs 0, 1, 2) with different weights."""
+    import torch
+
+    from .fakes import TinyConv
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for epoch in range(3):
+        torch.save({"epoch": epoch, "state_dict": TinyConv(seed=epoch).state_dict()}, folder / f"epoch_{epoch}.pt")
+    return folder

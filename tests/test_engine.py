@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conceptmon import store
+from conceptmon.config import ConfigError, config_from_dict
+from conceptmon.engine import ActivationError, dissect_run
+from conceptmon.hooks import LayerError
+from conceptmon.models import ModelError
+
+from .fakes import TinyConv
+
+
+def run(cfg_dict, ckpts, out, **kw):
+    return dissect_run(config_from_dict(cfg_dict), ckpts=ckpts, out=out, log=lambda m: None, **kw)
+
+
+def test_tables_follow_the_schema(array_probe_config, tiny_ckpts, tmp_path):
+    out = tmp_path / "out"
+    assert run(array_probe_config, tiny_ckpts, out) == [0, 1, 2]
+    assert store.finished_epochs(out) == [0, 1, 2]
+    df = store.read_dissect(out)
+    assert pd.api.types.is_integer_dtype(df.epoch)
+    table = pd.read_parquet(store.dissect_path(out, 1))
+    import pyarrow.parquet as pq
+
+    assert pq.read_schema(store.dissect_path(out, 1)).remove_metadata().equals(store.DISSECT)
+    assert len(table) == 2 * 6 * 3  # layers x units x top_k
+    assert set(table["rank"]) == {0, 1, 2}
+    per_neuron = table.groupby(["layer", "neuron"])
+    assert (per_neuron.interpretable.nunique() == 1).all()
+    best = table[table["rank"] == 0].set_index(["layer", "neuron"]).score
+    assert ((best >= 0.04) == table[table["rank"] == 0].set_index(["layer", "neuron"]).interpretable).all()
+    assert (table.distance == -table.score).all()
+    assert (per_neuron.score.apply(lambda s: s.is_monotonic_decreasing)).all()
+    images = store.read_top_images(out, [1])
+    assert len(images) == 2 * 6 * 10 and images.image.str.match(r"img\d{3}\.png").all()
+    manifest = store.read_manifest(out)
+    assert manifest["probe"]["n_images"] == 12 and sorted(manifest["epochs"]) == ["0", "1", "2"]
+    assert manifest["concepts"]["names"] == ["c0", "c1", "c2", "c3", "c4"]
+
+
+def test_rerun_skips_force_redoes_and_changed_config_is_refused(array_probe_config, tiny_ckpts, tmp_path):
+    out = tmp_path / "out"
+    run(array_probe_config, tiny_ckpts, out)
+    before = store.dissect_path(out, 1).stat().st_mtime_ns
+    assert run(array_probe_config, tiny_ckpts, out) == []
+    assert run(array_probe_config, tiny_ckpts, out, epochs=[1], force=True) == [1]
+    assert store.dissect_path(out, 1).stat().st_mtime_ns != before
+    changed = {**array_probe_config, "detector": {"quantile": 0.1}}
+    with pytest.raises(ConfigError, match=r"another config \(detector\.quantile: 0\.05 -> 0\.1\).*--force"):
+        run(changed, tiny_ckpts, out)
+    # A changed checkpoint (new weights under the same epoch) is redone without --force.
+    torch.save({"epoch": 2, "state_dict": TinyConv(seed=9).state_dict()}, tiny_ckpts / "epoch_2.pt")
+    assert run(array_probe_config, tiny_ckpts, out) == [2]
+
+
+def test_epoch_selection_and_shards(array_probe_config, tiny_ckpts, tmp_path):
+    assert run(array_probe_config, tiny_ckpts, tmp_path / "a", epochs=[2, 0]) == [0, 2]
+    with pytest.raises(Exception, match=r"no checkpoint for epochs \[7\]; available: \[0, 1, 2\]"):
+        run(array_probe_config, tiny_ckpts, tmp_path / "b", epochs=[7])
+    assert run(array_probe_config, tiny_ckpts, tmp_path / "c", shard=(1, 2)) == [1]
+    assert run(array_probe_config, tiny_ckpts, tmp_path / "c", shard=(0, 2)) == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        ({"layers": ["conv3"]}, LayerError, r"no layer named 'conv3'.*closest: conv2, conv1"),
+        ({"model": {"arch": "resnet181"}}, ModelError, r"unknown architecture 'resnet181' \(did you mean resnet18"),
+        ({"model": {"arch": "tests.fakes:TinyConvv"}}, ModelError, r"has no 'TinyConvv' \(did you mean TinyConv"),
+    ],
+)
+def test_bad_input_fails_before_any_output(array_probe_config, tiny_ckpts, tmp_path, change, error, message):
+    out = tmp_path / "out"
+    with pytest.raises(error, match=message):
+        run({**array_probe_config, **change}, tiny_ckpts, out)
+    assert not out.exists()
+
+
+def test_nan_activations_leave_no_table(array_probe_config, tiny_ckpts, tmp_path):
+    sd = TinyConv(seed=0).state_dict()
+    sd["conv2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save({"epoch": 5, "state_dict": sd}, tiny_ckpts / "epoch_5.pt")
+    out = tmp_path / "out"
+    with pytest.raises(ActivationError, match="layer conv2: NaN or infinite activations"):
+        run(array_probe_config, tiny_ckpts, out, epochs=[5])
+    assert not store.dissect_path(out, 5).exists() and store.finished_epochs(out) == []
+    assert not list((out / "dissect").glob(".tmp-*")) if (out / "dissect").exists() else True
+
+
+def test_monitor_observe_writes_the_same_files(array_probe_config, tiny_ckpts, tmp_path):
+    from conceptmon import Monitor
+
+    run(array_probe_config, tiny_ckpts, tmp_path / "cli", epochs=[1])
+    model = TinyConv(seed=1).train()
+    monitor = Monitor(array_probe_config, out=tmp_path / "api", log=lambda m: None)
+    obs = monitor.observe(model, 1)
+    assert model.training  # mode restored for the training loop
+    cli = store.read_dissect(tmp_path / "cli").drop(columns="run")
+    api = store.read_dissect(tmp_path / "api").drop(columns="run")
+    pd.testing.assert_frame_equal(cli, api)
+    assert obs.summary["conv1"]["neurons"] == 6
+    pd.testing.assert_frame_equal(obs.table.drop(columns="run"), api)
