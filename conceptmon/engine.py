@@ -26,6 +26,7 @@ from .errors import ConceptmonError
 from .hooks import LayerTrace, resolve_layers
 from .models import build_model, resolve_device
 from .probes import ImageDataset, ProbeSet, create_probe
+from .probes.base import normalize
 
 TOP_IMAGES_PER_NEURON = 10
 
@@ -76,7 +77,7 @@ class LayerResult:
 
 
 def make_loader(probe: ProbeSet, cfg: Config, device: torch.device):
-    dataset = ImageDataset(probe, cfg.probe.image_size, cfg.probe.mean, cfg.probe.std)
+    dataset = ImageDataset(probe, cfg.probe.image_size)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -95,6 +96,8 @@ def collect_layers(
     device: torch.device,
     amp: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
 ) -> dict[str, LayerResult]:
     """One forward pass per batch feeds every layer's detector accumulator and top images."""
     model.eval().to(device)
@@ -103,7 +106,7 @@ def collect_layers(
     done = 0
     with torch.no_grad(), LayerTrace(model, layers) as trace:
         for x, index in loader:
-            x = x.to(device, non_blocking=True)
+            x = normalize(x.to(device, non_blocking=True), mean, std)
             with torch.autocast(device.type, enabled=amp):
                 outputs = trace.run(x)
             for name in layers:
@@ -334,7 +337,7 @@ class Dissector:
         was_training = self.model.training
         try:
             results = collect_layers(self.model, self.cfg.layers, self._loader, self.detector, self.device,
-                                     amp=self.cfg.amp)
+                                     amp=self.cfg.amp, mean=self.cfg.probe.mean, std=self.cfg.probe.std)
         finally:
             self.model.train(was_training)
         dissect_df, images_df = result_tables(results, self.detector, self.probe, run=self.run, epoch=epoch,

@@ -34,6 +34,9 @@ import pyarrow.parquet as pq
 
 MANIFEST = "conceptmon.json"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 DISSECT = pa.schema(
     [
         ("run", pa.string()),
@@ -140,6 +143,14 @@ STATS_SCHEMAS: dict[str, pa.Schema] = {
 SCHEMAS.update({f"stats_{name}": schema for name, schema in STATS_SCHEMAS.items()})
 
 
+# Embedding caches (encoders.py, embedding.py): one text vector per (encoder, text), and the
+# fitted 2-D positions of a map's inputs (vocabulary words + anchors, or neuron vectors).
+TEXT_EMBEDDINGS = pa.schema([("text", pa.string()), ("embedding", pa.list_(pa.float32()))])
+MAP_POSITIONS = pa.schema([("term", pa.string()), ("x", pa.float32()), ("y", pa.float32())])
+SCHEMAS["text_embeddings"] = TEXT_EMBEDDINGS
+SCHEMAS["map_positions"] = MAP_POSITIONS
+
+
 class StoreError(ConceptmonError):
     """An output folder or table that is missing or not what conceptmon wrote."""
 
@@ -202,6 +213,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared outputs need the usual mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

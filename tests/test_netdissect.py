@@ -77,7 +77,8 @@ def test_single_pass_iou_equals_brute_force(tmp_path, batch_size, quantile):
     ctx = RunContext(device=torch.device("cpu"), cache_dir=tmp_path)
     det = create_detector(cfg, probe, ctx)
     det.prepare()
-    results = collect_layers(model, cfg.layers, make_loader(probe, cfg, ctx.device), det, ctx.device)
+    results = collect_layers(model, cfg.layers, make_loader(probe, cfg, ctx.device), det, ctx.device,
+                             mean=cfg.probe.mean, std=cfg.probe.std)
 
     x = torch.stack([torch.from_numpy(probe.images[i]).permute(2, 0, 1).float() / 255 for i in range(len(probe))])
     with torch.no_grad():

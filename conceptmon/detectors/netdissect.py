@@ -273,34 +273,28 @@ class _IoUAccumulator(LayerAccumulator):
             present = torch.from_numpy(masks.categories_present).to(dev)
             offsets = torch.from_numpy(masks.label_offsets).to(dev)
             values = torch.from_numpy(masks.label_values).to(dev)
-            # Chunks bound the memory of the upsampled maps: ~64 MB of floats each.
+            # Chunks bound the memory of the upsampled maps (~64 MB of floats each).
             chunk = max(1, (16 << 20) // (mh * mw))
-            order = torch.argsort(images)  # neighbouring reads in the memory-mapped masks
-            for start in range(0, order.numel(), chunk):
-                sel = order[start : start + chunk]
-                u_s, img_s = units[sel], images[sel]
-                up = F.interpolate(maps[sel][:, None], size=(mh, mw), mode="bilinear", align_corners=False)[:, 0]
-                active = up > thresh[u_s][:, None, None]
-                area = active.sum(dim=(1, 2)).to(torch.float64)
+            for start in range(0, units.numel(), chunk):
+                u_s, img_s = units[start : start + chunk], images[start : start + chunk]
+                up = F.interpolate(maps[start : start + chunk, None], size=(mh, mw), mode="bilinear",
+                                   align_corners=False)[:, 0]
+                # Only the few active pixels matter from here on: work on their coordinates.
+                s_idx, ys, xs = torch.nonzero(up > thresh[u_s][:, None, None], as_tuple=True)
+                del up
+                area = torch.bincount(s_idx, minlength=u_s.numel()).to(torch.float64)
                 act_area.index_add_(0, u_s, area[:, None] * present[img_s].to(torch.float64))
-                img_np = img_s.cpu().numpy()
-                uniq, inverse = np.unique(img_np, return_inverse=True)
-                labels = torch.from_numpy(np.asarray(masks.pixel_maps[uniq], dtype=np.int64)).to(dev)
-                labels = labels[torch.from_numpy(inverse).to(dev)]  # (s, n_maps, mh, mw)
-                base = (u_s * (n_concepts + 1))[:, None, None]
-                for j in range(labels.shape[1]):
-                    lab = labels[:, j]
-                    hit = active & (lab > 0)
-                    inter += torch.bincount((base + lab)[hit], minlength=inter.numel()).to(torch.float64)
+                if s_idx.numel():
+                    labels = masks.pixel_maps[img_s[s_idx].cpu().numpy(), :, ys.cpu().numpy(), xs.cpu().numpy()]
+                    labels = torch.from_numpy(labels.astype(np.int64)).to(dev)  # (n_active, n_maps)
+                    bins = (u_s[s_idx] * (n_concepts + 1))[:, None] + labels
+                    inter += torch.bincount(bins[labels > 0], minlength=inter.numel()).to(torch.float64)
                 # Whole-image labels: every active pixel of the image intersects them.
                 counts = offsets[img_s + 1] - offsets[img_s]
                 if int(counts.sum()):
-                    rep = torch.repeat_interleave(torch.arange(sel.numel(), device=dev), counts)
-                    starts = torch.repeat_interleave(offsets[img_s], counts)
-                    within = torch.arange(rep.numel(), device=dev) - torch.repeat_interleave(
-                        torch.cumsum(counts, 0) - counts, counts
-                    )
-                    concept = values[starts + within]
+                    rep = torch.repeat_interleave(torch.arange(u_s.numel(), device=dev), counts)
+                    block_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+                    concept = values[offsets[img_s][rep] + torch.arange(rep.numel(), device=dev) - block_start]
                     inter.index_add_(0, u_s[rep] * (n_concepts + 1) + concept + 1, area[rep])
         inter = inter.view(self.n_units, n_concepts + 1)[:, 1:]
         label_area = torch.from_numpy(masks.label_area).to(dev)
