@@ -18,6 +18,7 @@ def main():
 
 # Each command lives in its own module; importing it registers it on ``main``.
 from . import dissect  # noqa: E402,F401
+from . import stats  # noqa: E402,F401
 from . import watch  # noqa: E402,F401
 from . import probe  # noqa: E402,F401
 # [commands: add one import line per command module above this marker]

@@ -22,11 +22,7 @@ def _load_builtin() -> None:
     import importlib
 
     for module in ("netdissect", "clipdissect"):
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as e:  # TEMP while modules are being written
-            if e.name != f"{__name__}.{module}":
-                raise
+        importlib.import_module(f"{__name__}.{module}")
 
 
 def list_detectors() -> list[str]:

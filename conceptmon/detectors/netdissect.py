@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..concepts import ConceptSet
-from ..store import atomic_path, write_json
+from ..store import write_json
 from . import register_detector
 from .base import Detector, DetectorError, LayerAccumulator
 
@@ -86,14 +89,32 @@ class MaskCache:
 
 
 def build_mask_cache(probe, folder: Path, log=lambda m: None) -> MaskCache:
-    """Decode every annotation of ``probe`` into ``folder`` (reused when complete)."""
+    """Decode every annotation of ``probe`` into ``folder`` (reused when complete).
+
+    Built in a private temporary folder and renamed into place, so concurrent shards
+    that race to build the same cache never see each other's half-written files.
+    """
     folder = Path(folder)
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+    if (folder / "meta.json").exists():
+        meta = json.loads((folder / "meta.json").read_text())
         if meta.get("format") == CACHE_FORMAT:
             return _open_mask_cache(folder, meta)
-    folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        meta = _write_mask_cache(probe, tmp, log)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first: use its (identical) cache
+            if not (folder / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open_mask_cache(folder, meta)
+
+
+def _write_mask_cache(probe, folder: Path, log) -> dict:
     n = len(probe)
     h, w = probe.mask_size
     m = len(probe.concepts)
@@ -101,7 +122,7 @@ def build_mask_cache(probe, folder: Path, log=lambda m: None) -> MaskCache:
     log(f"decoding masks of {n} probe images (once per probe set) ...")
     annotations = []
     n_maps = 0
-    # First pass finds the widest stack of maps so the memmap can be allocated once.
+    # All annotations first: the widest stack of maps sizes the memmap.
     for i in range(n):
         a = probe.load_annotation(i)
         if a.pixel_maps.shape[1:] != (h, w) and a.pixel_maps.shape[0] > 0:
@@ -111,31 +132,29 @@ def build_mask_cache(probe, folder: Path, log=lambda m: None) -> MaskCache:
         n_maps = max(n_maps, a.pixel_maps.shape[0])
         annotations.append(a)
     dtype = np.int16 if m < 32767 else np.int32
-    maps_file = folder / "pixel_maps.npy"
-    with atomic_path(maps_file) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, max(n_maps, 1), h, w))
-        label_area = np.zeros(m + 1, dtype=np.float64)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        values, present = [], np.zeros((n, k), dtype=bool)
-        for i, a in enumerate(annotations):
-            arr[i] = 0
-            if a.pixel_maps.shape[0]:
-                arr[i, : a.pixel_maps.shape[0]] = a.pixel_maps
-                label_area += np.bincount(a.pixel_maps.reshape(-1), minlength=m + 1)[: m + 1]
-            labels = np.unique(np.asarray(a.image_labels, dtype=np.int64))
-            values.append(labels)
-            offsets[i + 1] = offsets[i] + len(labels)
-            np.add.at(label_area, labels + 1, float(h * w))
-            present[i] = a.categories_present
-        arr.flush()
-        del arr
+    arr = np.lib.format.open_memmap(folder / "pixel_maps.npy", mode="w+", dtype=dtype, shape=(n, max(n_maps, 1), h, w))
+    label_area = np.zeros(m + 1, dtype=np.float64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    values, present = [], np.zeros((n, k), dtype=bool)
+    for i, a in enumerate(annotations):
+        arr[i] = 0
+        if a.pixel_maps.shape[0]:
+            arr[i, : a.pixel_maps.shape[0]] = a.pixel_maps
+            label_area += np.bincount(a.pixel_maps.reshape(-1), minlength=m + 1)[: m + 1]
+        labels = np.unique(np.asarray(a.image_labels, dtype=np.int64))
+        values.append(labels)
+        offsets[i + 1] = offsets[i] + len(labels)
+        np.add.at(label_area, labels + 1, float(h * w))
+        present[i] = a.categories_present
+    arr.flush()
+    del arr
     np.save(folder / "label_offsets.npy", offsets)
     np.save(folder / "label_values.npy", np.concatenate(values) if values else np.zeros(0, np.int64))
     np.save(folder / "categories_present.npy", present)
     np.save(folder / "label_area.npy", label_area[1:])
     meta = {"format": CACHE_FORMAT, "n_images": n, "fingerprint": probe.fingerprint()}
-    write_json(meta_path, meta)  # written last: marks the cache complete
-    return _open_mask_cache(folder, meta)
+    write_json(folder / "meta.json", meta)
+    return meta
 
 
 def _open_mask_cache(folder: Path, meta: dict) -> MaskCache:

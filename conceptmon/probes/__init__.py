@@ -37,11 +37,7 @@ def _load_builtin() -> None:
     import importlib
 
     for module in ("broden", "synthetic", "cifar", "folder"):
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as e:  # TEMP while modules are being written
-            if e.name != f"{__name__}.{module}":
-                raise
+        importlib.import_module(f"{__name__}.{module}")
 
 
 __all__ = ["Annotation", "ImageDataset", "ProbeError", "ProbeSet", "create_probe", "list_probes", "register_probe"]
