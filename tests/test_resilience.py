@@ -1,0 +1,130 @@
+"""Runs killed at any point, and shards run as separate processes, lose and corrupt nothing."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from conceptmon import store
+from conceptmon.probes.synthetic import generate_synthetic
+
+from .fakes import TinyConv
+
+ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = [0, 1, 2, 3, 4]
+TIME_FIELDS = {"finished", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resilience")
+    probe = generate_synthetic(base / "probe", n=40, size=32, seed=1)
+    ckpts = base / "ckpts"
+    ckpts.mkdir()
+    for e in EPOCHS:
+        torch.save({"epoch": e, "state_dict": TinyConv(seed=e).state_dict()}, ckpts / f"epoch_{e:04d}.pt")
+    config = base / "conceptmon.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"arch": "tests.fakes:TinyConv"},
+        "layers": ["conv1", "conv2"],
+        "probe": {"name": "synthetic", "root": str(probe)},
+        "detector": {"quantile": 0.02},
+        "checkpoints": str(ckpts),
+        "batch_size": 16,
+    }))
+    reference = base / "reference"
+    cli(config, reference).check_returncode()
+    return config, reference
+
+
+def cli(config, out, *extra, env=None, wait=True):
+    cmd = [sys.executable, str(ROOT / "tests" / "kill_harness.py"), "dissect", "--config", str(config),
+           "--out", str(out), "--quiet", *extra]
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    if wait:
+        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def output_files(out: Path) -> dict[str, object]:
+    """Every result file by name: tables as DataFrames, records without their timings."""
+    files = {}
+    for p in sorted((out / "dissect").iterdir()):
+        if p.name.startswith(".tmp-"):
+            continue
+        if p.suffix == ".parquet":
+            files[p.name] = pd.read_parquet(p)
+        elif p.suffix == ".json":
+            files[p.name] = {k: v for k, v in json.loads(p.read_text()).items() if k not in TIME_FIELDS}
+    return files
+
+
+def assert_same_results(a: Path, b: Path):
+    fa, fb = output_files(a), output_files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if isinstance(fa[name], pd.DataFrame):
+            pd.testing.assert_frame_equal(fa[name].drop(columns="run", errors="ignore"),
+                                          fb[name].drop(columns="run", errors="ignore"))
+        else:
+            assert fa[name] == fb[name], name
+
+
+def assert_valid(out: Path):
+    """Every table under its real name is complete; every record's tables exist and read."""
+    d = out / "dissect"
+    if not d.exists():
+        return
+    for p in d.glob("*.parquet"):
+        if not p.name.startswith(".tmp-"):
+            pq.read_table(p)  # raises on a torn file
+    for e in store.finished_epochs(out):
+        store.read_table(store.dissect_path(out, e), store.DISSECT)
+        store.read_table(store.top_images_path(out, e), store.TOP_IMAGES)
+
+
+def test_three_shard_processes_equal_one_run(workspace, tmp_path):
+    config, reference = workspace
+    out = tmp_path / "sharded"
+    procs = [cli(config, out, "--shard", f"{i}/3", wait=False) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert store.finished_epochs(out) == EPOCHS
+    assert_same_results(out, reference)
+    manifest_a = json.loads((out / "conceptmon.json").read_text())
+    manifest_b = json.loads((reference / "conceptmon.json").read_text())
+    for key in ("config_fingerprint", "detector", "concepts", "probe", "layers"):
+        assert manifest_a[key] == manifest_b[key]
+
+
+@pytest.mark.parametrize("point,at", [("forward", 2), ("forward", 7), ("parquet", 3), ("record", 2)])
+def test_sigkill_leaves_valid_output_and_rerun_completes(workspace, tmp_path, point, at):
+    config, reference = workspace
+    out = tmp_path / "killed"
+    marker = tmp_path / "paused"
+    proc = cli(config, out, env={"KILL_POINT": point, "KILL_AT": str(at), "KILL_MARKER": str(marker)}, wait=False)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the run never reached the kill point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert_valid(out)
+    done_before = store.finished_epochs(out)
+    assert done_before != EPOCHS  # the kill really interrupted the run
+    stamps = {e: store.dissect_path(out, e).stat().st_mtime_ns for e in done_before}
+    rerun = cli(config, out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {e: store.dissect_path(out, e).stat().st_mtime_ns for e in done_before} == stamps  # only the missing redone
+    assert store.finished_epochs(out) == EPOCHS
+    assert_same_results(out, reference)
