@@ -205,8 +205,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     never a truncated table under the real name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{path.parent}: cannot create folder ({e.strerror or e})") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    except OSError as e:
+        raise StoreError(f"{path.parent}: cannot write here ({e.strerror or e})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -215,6 +221,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared outputs need the usual mode
         os.replace(tmp_path, path)
+    except OSError as e:  # disk full, quota, permissions: one line, and nothing half-written left
+        raise StoreError(f"{path}: could not write ({e.strerror or e})") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
