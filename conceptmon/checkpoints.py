@@ -63,7 +63,7 @@ def _read_raw(path: Path, trust: bool, mmap: bool = False):
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError) as e:
         if mmap:  # legacy (non-zip) files cannot be memory-mapped: try once more plainly
             return _read_raw(path, trust, mmap=False)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({msg})") from None
 
 

@@ -34,6 +34,7 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
     from conceptmon.hooks import LayerTrace
     from conceptmon.models import resolve_device
     from conceptmon.probes import create_probe
+    from conceptmon.probes.base import normalize
 
     layers = ["layer2", "layer3", "layer4"]
     cfg = config_from_dict(
@@ -57,7 +58,7 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
     def bare_forward():
         with torch.no_grad(), LayerTrace(model, layers) as trace:  # same early stop as dissect
             for x, _ in loader:
-                trace.run(x.to(device))
+                trace.run(normalize(x.to(device), cfg.probe.mean, cfg.probe.std))
 
     bare_forward()  # warm-up (allocator, kernels, file cache)
     timings = {"bare": [], "dissect": []}
@@ -67,7 +68,7 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
         bare_forward()
         timings["bare"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        collect_layers(model, layers, loader, detector, device)
+        collect_layers(model, layers, loader, detector, device, mean=cfg.probe.mean, std=cfg.probe.std)
         timings["dissect"].append(time.perf_counter() - t0)
     bare, dissect = min(timings["bare"]), min(timings["dissect"])
 
@@ -80,8 +81,9 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
         accs = {}
         with torch.no_grad(), LayerTrace(model, layers) as trace:
             for x, idx in make_loader(sub_probe, sub, device):
-                for name, act in trace.run(x.to(device)).items():
-                    accs.setdefault(name, det.accumulator(name, act.shape[1])).add(act, idx)
+                x = normalize(x.to(device), sub.probe.mean, sub.probe.std)
+                for name, act in trace.run(x).items():
+                    accs.setdefault(name, det.accumulator(name, act.shape[1])).add(act.float(), idx)
         kept_bytes[n] = {name: acc.state_bytes() for name, acc in accs.items()}
     return {
         "images": n_images,
@@ -98,7 +100,139 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
     }
 
 
-BENCHES = {"dissect": bench_dissect}
+def bench_clip(n_images: int, size: int, workdir: Path) -> dict:
+    """CLIP-Dissect per checkpoint with C cached, against the bare forward; soft-WPMI at paper size.
+
+    C comes from a tiny random CLIP built here (no weights can be downloaded); with C
+    cached the CLIP model is never loaded again, so its size does not enter the ratio.
+    """
+    import torchvision
+
+    from conceptmon.config import config_from_dict
+    from conceptmon.detectors import RunContext, create_detector
+    from conceptmon.engine import collect_layers, make_loader
+    from conceptmon.hooks import LayerTrace
+    from conceptmon.models import resolve_device
+    from conceptmon.probes import create_probe
+    from conceptmon.probes.base import normalize
+    from conceptmon.similarity import bench_soft_wpmi
+    from tests.fixtures_clip import make_tiny_clip
+
+    layers = ["layer2", "layer3", "layer4"]
+    clip_dir = make_tiny_clip(workdir / "tiny_clip")
+    cfg = config_from_dict({
+        "layers": layers,
+        "probe": {"name": "synthetic", "root": str(workdir / f"synthetic_{n_images}_{size}"), "n": n_images,
+                  "image_size": size},
+        "detector": {"name": "clip-dissect", "clip_model": str(clip_dir)},
+        "concepts": "synthetic",
+    })
+    device = resolve_device(cfg.device)
+    probe = create_probe(cfg.probe)
+    model = torchvision.models.resnet18(num_classes=365).eval().to(device)
+    detector = create_detector(cfg, probe, RunContext(device=device, cache_dir=workdir / "cache"))
+    t0 = time.perf_counter()
+    detector.prepare()
+    clip_features_s = time.perf_counter() - t0
+    loader = make_loader(probe, cfg, device)
+
+    def bare_forward():
+        with torch.no_grad(), LayerTrace(model, layers) as trace:
+            for x, _ in loader:
+                trace.run(normalize(x.to(device), cfg.probe.mean, cfg.probe.std))
+
+    bare_forward()
+    bare, dissect = [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        bare_forward()
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        collect_layers(model, layers, loader, detector, device, mean=cfg.probe.mean, std=cfg.probe.std)
+        dissect.append(time.perf_counter() - t0)
+    wpmi_s = bench_soft_wpmi(10_000, 1_197, 512, device)
+    return {
+        "images": n_images,
+        "bare_forward_s": round(min(bare), 3),
+        "clip_dissect_s": round(min(dissect), 3),
+        "ratio": round(min(dissect) / min(bare), 3),
+        "target_ratio": 1.2,
+        "clip_features_once_s": round(clip_features_s, 3),
+        "soft_wpmi_10000x1197x512_s": round(wpmi_s, 3),
+        "soft_wpmi_target_s": 3.0 if device.type == "cpu" else 1.0,
+    }
+
+
+def bench_stats(n_images: int, size: int, workdir: Path) -> dict:
+    """stats + report on 30 epochs x 3 layers x 512 neurons (embedding outputs present)."""
+    import conceptmon.plots  # noqa: F401  (import time is not the statistics' cost)
+    from conceptmon import report, stats
+    from tests.test_report import big_run
+
+    out = workdir / "stats_bench" / "big"
+    if not (out / "conceptmon.json").exists():
+        big_run(workdir / "stats_bench")
+    t0 = time.perf_counter()
+    stats.stats_run(out, log=lambda m: None)
+    t1 = time.perf_counter()
+    path = report.report_run(out, log=lambda m: None)
+    t2 = time.perf_counter()
+    return {"size": "30 epochs x 3 layers x 512 neurons", "stats_s": round(t1 - t0, 2),
+            "report_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "target_total_s": 10,
+            "report_mb": round(path.stat().st_size / 1e6, 1)}
+
+
+def bench_shards(n_images: int, size: int, workdir: Path) -> dict:
+    """Throughput of `conceptmon dissect` over 4 checkpoints: 1 process vs 2 shard processes.
+
+    Each shard gets cores / shards threads, as array tasks on one node would. Across N
+    GPU nodes shards share nothing but the output folder, so throughput scales with N
+    until the shared file system or the probe-set reads saturate.
+    """
+    import os
+    import subprocess
+
+    import torchvision
+    import yaml
+
+    from conceptmon.probes.synthetic import ensure_synthetic
+
+    n = max(200, n_images // 4)
+    root = ensure_synthetic(workdir / f"synthetic_{n}_{size}", n, size, 0)
+    ckpts = workdir / "shard_ckpts"
+    ckpts.mkdir(exist_ok=True)
+    for e in range(4):
+        torch.manual_seed(e)
+        torch.save({"epoch": e, "state_dict": torchvision.models.resnet18(num_classes=10).state_dict()},
+                   ckpts / f"epoch_{e:04d}.pt")
+    config = workdir / "shard_config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"arch": "resnet18", "kwargs": {"num_classes": 10}}, "layers": ["layer2", "layer3", "layer4"],
+        "probe": {"name": "synthetic", "root": str(root)}, "checkpoints": str(ckpts),
+        "cache_dir": str(workdir / "cache"),
+    }))
+    cores = os.cpu_count() or 1
+
+    def run(n_shards: int) -> float:
+        out = workdir / f"shards_{n_shards}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n_shards))}
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "conceptmon", "dissect", "--config", str(config),
+                                   "--out", str(out), "--quiet", "--shard", f"{i}/{n_shards}"], env=env)
+                 for i in range(n_shards)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("a shard failed")
+        return time.perf_counter() - t0
+
+    run(1)  # warm: mask cache and file cache
+    one, two = run(1), run(2)
+    return {"checkpoints": 4, "images": n, "one_process_s": round(one, 2), "two_shards_s": round(two, 2),
+            "speedup": round(one / two, 2), "cores": cores,
+            "note": "on one node shards share its cores; on N nodes each shard has its own"}
+
+
+BENCHES = {"dissect": bench_dissect, "clip": bench_clip, "stats": bench_stats, "shards": bench_shards}
 
 
 def main() -> None:
