@@ -68,3 +68,13 @@ def test_out_resolution(tmp_path):
     assert str(resolve_out(cfg, "cli")) == "cli"
     assert str(resolve_out(cfg, None)) == "from_config"
     assert str(resolve_out(config_from_dict({}), None)) == "conceptmon_out"
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.layers, path
