@@ -71,6 +71,10 @@ class EmbeddingConfig:
     anchors: list[str] = field(default_factory=list)
     map_fit: str = "vocabulary"
     """vocabulary (concepts + anchors, default) or neurons (all neurons of all epochs)."""
+    placement: str = "mean"
+    """mean (lambda-weighted mean of the concepts' map positions, exact and fast) or transform (UMAP.transform)."""
+    map_method: str = "umap"
+    """umap or pca (instant, linear)."""
     seed: int = 0
 
 
@@ -205,6 +209,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"embedding.map_fit: expected vocabulary or neurons, got {cfg.embedding.map_fit!r}"
         )
+    if cfg.embedding.placement not in ("mean", "transform"):
+        raise ConfigError(f"embedding.placement: expected mean or transform, got {cfg.embedding.placement!r}")
+    if cfg.embedding.map_method not in ("umap", "pca"):
+        raise ConfigError(f"embedding.map_method: expected umap or pca, got {cfg.embedding.map_method!r}")
     if cfg.detector.pool not in ("avg", "max"):
         raise ConfigError(f"detector.pool: expected avg or max, got {cfg.detector.pool!r}")
     dev = cfg.device

