@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from . import __version__, store
 from .checkpoints import CheckpointError, CheckpointFile, apply_state_dict, file_sha256, find_checkpoints, load_state_dict
@@ -25,8 +26,7 @@ from .detectors import Detector, RunContext, create_detector
 from .errors import ConceptmonError
 from .hooks import LayerTrace, resolve_layers
 from .models import build_model, resolve_device
-from .probes import ImageDataset, ProbeSet, create_probe
-from .probes.base import normalize
+from .probes import ProbeSet, create_probe
 
 TOP_IMAGES_PER_NEURON = 10
 
@@ -64,6 +64,37 @@ def per_image_max(acts: torch.Tensor) -> torch.Tensor:
     if acts.dim() == 3:
         return acts.amax(dim=1)
     return acts
+
+
+# ----------------------------------------------------------------------------- probe images
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Probe images as uint8 (3, H, W) tensors with their index.
+
+    Normalisation happens batch-wise on the device (:func:`normalize`): a quarter of
+    the host-to-device traffic, and no per-image float work in the loader.
+    """
+
+    def __init__(self, probe: ProbeSet, image_size: int | None):
+        self.probe = probe
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.probe)
+
+    def __getitem__(self, i: int):
+        img = self.probe.load_image(i)
+        if self.image_size is not None and img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), i
+
+
+def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and standardised per channel."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    return batch.float().div_(255.0).sub_(mean).div_(std)
 
 
 # ----------------------------------------------------------------------------- one model

@@ -59,9 +59,10 @@ def refresh_outputs(out: Path, log: Callable[[str], None]) -> None:
     """Re-run embed, stats and report so the folder always shows the latest epoch."""
     steps = []
     try:
-        from .embedding import embed_run
+        from .embedding import embed_like_before
 
-        steps.append(("embed", lambda: embed_run(out, log=lambda m: None)))
+        # Keeps the anchors and encoder the user last embedded with.
+        steps.append(("embed", lambda: embed_like_before(out, log=lambda m: None)))
     except ImportError:
         pass
     try:

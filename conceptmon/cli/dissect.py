@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from ..config import DEFAULT_CONFIG, ConfigError, override
-from ..engine import dissect_run
 from . import main
 from .common import config_option, fail_cleanly, load_cfg, parse_epochs, split_csv
 
@@ -128,6 +127,8 @@ def dissect(config_path, ckpts, out, layers, epochs, device, batch_size, limit, 
         amp=amp,
         **{"probe.limit": limit},
     )
+    from ..engine import dissect_run  # torch loads only for the commands that need it
+
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     written = dissect_run(
         cfg,

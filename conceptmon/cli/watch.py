@@ -5,7 +5,6 @@ from pathlib import Path
 
 import click
 
-from ..watch import watch_run
 from . import main
 from .common import config_option, fail_cleanly, load_cfg
 
@@ -24,6 +23,8 @@ from .common import config_option, fail_cleanly, load_cfg
 @fail_cleanly
 def watch(config_path, ckpts, out, interval, patience, no_refresh, trust_checkpoints):
     """Dissect each new checkpoint as training writes it; print one line per epoch. Ctrl-C stops."""
+    from ..watch import watch_run  # torch loads only for the commands that need it
+
     cfg = load_cfg(config_path)
     watch_run(cfg, ckpts=ckpts, out=out, interval=interval, patience=patience, refresh=not no_refresh,
               trust_checkpoints=trust_checkpoints, log=lambda m: click.echo(m, err=True))

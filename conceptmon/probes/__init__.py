@@ -5,7 +5,7 @@ import difflib
 from typing import Callable
 
 from ..config import ProbeConfig
-from .base import Annotation, ImageDataset, ProbeError, ProbeSet
+from .base import Annotation, ProbeError, ProbeSet
 
 _REGISTRY: dict[str, Callable[[ProbeConfig], ProbeSet]] = {}
 
@@ -40,4 +40,4 @@ def _load_builtin() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
-__all__ = ["Annotation", "ImageDataset", "ProbeError", "ProbeSet", "create_probe", "list_probes", "register_probe"]
+__all__ = ["Annotation", "ProbeError", "ProbeSet", "create_probe", "list_probes", "register_probe"]

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..concepts import ConceptSet
@@ -79,34 +78,6 @@ class ProbeSet(ABC):
     def _fingerprint_files(self) -> list[Path]:
         """Index files whose size and mtime stand for the whole set."""
         return []
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Probe images as uint8 (3, H, W) tensors with their index.
-
-    Normalisation happens batch-wise on the device (:func:`normalize`): a quarter of
-    the host-to-device traffic, and no per-image float work in the loader.
-    """
-
-    def __init__(self, probe: ProbeSet, image_size: int | None):
-        self.probe = probe
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.probe)
-
-    def __getitem__(self, i: int):
-        img = self.probe.load_image(i)
-        if self.image_size is not None and img.size != (self.image_size, self.image_size):
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), i
-
-
-def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and standardised per channel."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    return batch.float().div_(255.0).sub_(mean).div_(std)
 
 
 def open_rgb(path: Path) -> Image.Image:
