@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..errors import ConceptmonError
 
 import hashlib
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +84,15 @@ class ProbeSet(ABC):
 def open_rgb(path: Path) -> Image.Image:
     """Open an image fully (so truncation is found now) as RGB, or raise ProbeError."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x the limit; a probe image that large is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
     except FileNotFoundError:
         raise ProbeError(f"{path}: image not found") from None
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ProbeError(f"{path}: image too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ProbeError(f"{path}: unreadable image ({e})") from None
