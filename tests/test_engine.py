@@ -105,3 +105,17 @@ def test_monitor_observe_writes_the_same_files(array_probe_config, tiny_ckpts, t
     pd.testing.assert_frame_equal(cli, api)
     assert obs.summary["conv1"]["neurons"] == 6
     pd.testing.assert_frame_equal(obs.table.drop(columns="run"), api)
+
+
+def test_lightning_callback_without_lightning_says_how_to_install(array_probe_config):
+    import importlib.util
+
+    from conceptmon import lightning_callback
+    from conceptmon.errors import ConceptmonError
+
+    if importlib.util.find_spec("lightning") or importlib.util.find_spec("pytorch_lightning"):
+        cb = lightning_callback(array_probe_config)
+        assert hasattr(cb, "on_train_epoch_end")
+    else:
+        with pytest.raises(ConceptmonError, match="pip install lightning"):
+            lightning_callback(array_probe_config)
