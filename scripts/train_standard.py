@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Standard training with a checkpoint per epoch (the paper's training-dynamics study).
+
+The paper: ResNet-18 from scratch on Places365 with 1,000 training images per class,
+30 epochs, batch 256, SGD lr 0.1 with cosine decay. Also CIFAR-10/100 and any
+ImageFolder. Writes OUT/checkpoints/epoch_0000.pt (before training) .. epoch_NNNN.pt
+and OUT/conceptmon.yaml, then: conceptmon dissect --config OUT/conceptmon.yaml
+
+Examples:
+  python scripts/train_standard.py --data /data/places365_standard --out runs/places_r18
+  python scripts/train_standard.py --dataset cifar10 --data /data/cifar --out runs/c10 --epochs 50 --lr 0.1
+  python scripts/train_standard.py --dataset synthetic --out runs/tiny --tiny
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import _common as common
+from conceptmon.training import (
+    EpochRecord,
+    Normalizer,
+    cosine_lr,
+    evaluate,
+    seed_everything,
+    stderr_log,
+    train_one_epoch,
+)
+
+
+def parser():
+    return common.base_parser(
+        __doc__, dataset="places365", arch="resnet18", epochs=30, batch_size=256, lr=0.1,
+        weight_decay=1e-4, image_size=None, per_class=1000,
+    )
+
+
+def main(argv=None) -> None:
+    args = common.finish_args(parser().parse_args(argv))
+    seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    data = common.load_data(args)
+    train_dl, val_dl = common.loaders(data, args, device)
+    model, kwargs = common.make_model(args.arch, data.num_classes)
+    model.to(device)
+    run = common.RunFolder(args.out)
+    config = run.write_config(args, arch=args.arch, kwargs=kwargs, mean=data.mean, std=data.std,
+                              run=args.out.resolve().name)
+    stderr_log(f"{args.dataset}: {len(data.train)} training / {len(data.val)} validation images, "
+               f"{data.num_classes} classes; config: {config}")
+
+    normalize = Normalizer(data.mean, data.std)
+    steps_per_epoch = min(len(train_dl), args.max_steps or len(train_dl))
+    total_steps = steps_per_epoch * args.epochs
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+
+    start = time.monotonic()
+    val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
+    run.save(model, 0, val_acc=val_acc, dataset=args.dataset, seed=args.seed)
+    run.record(EpochRecord(0, None, None, val_acc, time.monotonic() - start))
+    step = 0
+    for epoch in range(1, args.epochs + 1):
+        start = time.monotonic()
+        loss, acc, taken = train_one_epoch(
+            model, train_dl, opt, normalize, device, lr_at=lambda s: cosine_lr(args.lr, s, total_steps),
+            first_step=step, max_steps=args.max_steps, progress=stderr_log,
+        )
+        step += taken
+        val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
+        run.save(model, epoch, val_acc=val_acc, train_acc=acc, dataset=args.dataset, seed=args.seed)
+        run.record(EpochRecord(epoch, loss, acc, val_acc, time.monotonic() - start))
+    print(f"checkpoints: {run.checkpoints}\nnext: conceptmon dissect --config {config}")
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(main))
