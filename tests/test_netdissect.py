@@ -67,10 +67,13 @@ def reference_iou(acts: np.ndarray, probe, quantile: float) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("batch_size,quantile", [(4, 0.05), (5, 0.2), (12, 0.03)])
-def test_single_pass_iou_equals_brute_force(tmp_path, batch_size, quantile):
-    probe = random_probe(n=12)
-    model = TinyConv()
+@pytest.mark.parametrize(
+    "batch_size,quantile,n,seed", [(4, 0.05, 12, 0), (5, 0.2, 12, 0), (12, 0.03, 12, 0), (3, 0.05, 30, 1), (7, 0.1, 30, 2)]
+)
+def test_single_pass_iou_equals_brute_force(tmp_path, batch_size, quantile, n, seed):
+    """Exercises the running bound, pruning and the sparse neighbourhood store."""
+    probe = random_probe(n=n, seed=seed)
+    model = TinyConv(seed=seed)
     cfg = config_from_dict({"layers": ["conv1", "conv2"], "batch_size": batch_size,
                             "probe": {"mean": [0, 0, 0], "std": [1, 1, 1]},
                             "detector": {"quantile": quantile}})

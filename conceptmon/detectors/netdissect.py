@@ -204,6 +204,80 @@ class NetDissect(Detector):
         return _IoUAccumulator(self, layer, n_units)
 
 
+_UNKNOWN = -1e30
+"""Stands in for activations that were not kept; any interpolation that gives it weight
+lands far below every threshold (see _Candidates)."""
+
+
+@dataclass
+class _Candidates:
+    """Sparse store of the activations that can still produce active pixels.
+
+    Per candidate map (unit, image) we keep only the 3x3 neighbourhoods of its source
+    pixels above the running bound. That is enough for an exact upsampling: an output
+    pixel's bilinear sources form a 2x2 block, so if one of them exceeds the final
+    threshold (which is >= every earlier bound) all four lie in that pixel's kept
+    neighbourhood; an output pixel with no such source cannot be active, and if it
+    touches an unkept source its value falls to ~_UNKNOWN. Entries are ordered by map.
+    """
+
+    units: torch.Tensor  # (S,) per map
+    images: torch.Tensor  # (S,)
+    maxima: torch.Tensor  # (S,)
+    entry_map: torch.Tensor  # (E,) index into the maps, non-decreasing
+    entry_pos: torch.Tensor  # (E,) y * w + x
+    entry_val: torch.Tensor  # (E,)
+
+    @staticmethod
+    def concat(parts: list["_Candidates"]) -> "_Candidates":
+        offsets, total = [], 0
+        for part in parts:
+            offsets.append(total)
+            total += part.units.numel()
+        return _Candidates(
+            torch.cat([p.units for p in parts]),
+            torch.cat([p.images for p in parts]),
+            torch.cat([p.maxima for p in parts]),
+            torch.cat([p.entry_map + o for p, o in zip(parts, offsets)]),
+            torch.cat([p.entry_pos for p in parts]),
+            torch.cat([p.entry_val for p in parts]),
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.units, self.images, self.maxima, self.entry_map,
+                                                          self.entry_pos, self.entry_val))
+
+
+def _neighbourhood(hot: torch.Tensor) -> torch.Tensor:
+    """(S, h, w) bool -> pixels within one step (8-connected) of a hot pixel.
+
+    A separable dilation with boolean ORs: cheaper than a float 3x3 max-pool.
+    """
+    rows = hot.clone()
+    rows[:, :, 1:] |= hot[:, :, :-1]
+    rows[:, :, :-1] |= hot[:, :, 1:]
+    out = rows.clone()
+    out[:, 1:] |= rows[:, :-1]
+    out[:, :-1] |= rows[:, 1:]
+    return out
+
+
+def _sparsify(maps: torch.Tensor, bound: torch.Tensor, units, images, maxima) -> _Candidates:
+    s = maps.shape[0]
+    keep = _neighbourhood(maps > bound[:, None, None]).view(s, -1)
+    entry_map, entry_pos = torch.nonzero(keep, as_tuple=True)
+    return _Candidates(units, images, maxima, entry_map, entry_pos.to(torch.int32),
+                       maps.view(s, -1)[entry_map, entry_pos])
+
+
+def _densify(c: _Candidates, start: int, stop: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Maps start..stop-1 as dense (n, h, w), unkept pixels set to _UNKNOWN."""
+    lo, hi = torch.searchsorted(c.entry_map, torch.tensor([start, stop], device=c.entry_map.device)).tolist()
+    dense = torch.full((stop - start, shape[0] * shape[1]), _UNKNOWN, device=c.entry_val.device)
+    dense[c.entry_map[lo:hi] - start, c.entry_pos[lo:hi].long()] = c.entry_val[lo:hi]
+    return dense.view(stop - start, *shape)
+
+
 class _IoUAccumulator(LayerAccumulator):
     def __init__(self, det: NetDissect, layer: str, n_units: int):
         self.det = det
@@ -214,13 +288,9 @@ class _IoUAccumulator(LayerAccumulator):
         self.top: torch.Tensor | None = None  # (U, K) descending
         self.k = 0
         self.n_values = 0
-        # Candidate maps: the only activations kept, those that may hold active pixels.
-        self.maps: list[torch.Tensor] = []
-        self.units: list[torch.Tensor] = []
-        self.images: list[torch.Tensor] = []
-        self.maxima: list[torch.Tensor] = []
-        self.kept = 0
-        self.kept_at_prune = 0
+        self.parts: list[_Candidates] = []  # the only activations kept between batches
+        self.entries = 0
+        self.entries_at_prune = 0
 
     def _bound(self) -> torch.Tensor:
         """Running lower bound on each unit's final threshold (-inf until K values were seen)."""
@@ -250,27 +320,38 @@ class _IoUAccumulator(LayerAccumulator):
         maxima = acts.amax(dim=(2, 3))  # (B, U)
         img_i, unit_i = torch.nonzero(maxima > bound[None, :], as_tuple=True)
         if img_i.numel():
-            self.maps.append(acts[img_i, unit_i])
-            self.units.append(unit_i)
-            self.images.append(index.to(acts.device)[img_i])
-            self.maxima.append(maxima[img_i, unit_i])
-            self.kept += img_i.numel()
-        if self.kept > 2 * max(self.kept_at_prune, self.n_units * 8):
+            part = _sparsify(acts[img_i, unit_i], bound[unit_i], unit_i, index.to(acts.device)[img_i],
+                             maxima[img_i, unit_i])
+            self.parts.append(part)
+            self.entries += part.entry_val.numel()
+        if self.entries > 2 * max(self.entries_at_prune, self.n_units * 64):
             self._prune(bound)
 
     def _prune(self, bound: torch.Tensor) -> None:
-        if not self.maps:
+        """Drop maps whose maximum no longer beats the bound, and pixels no longer near a hot one."""
+        if not self.parts:
             return
-        maps, units, images, maxima = (torch.cat(x) for x in (self.maps, self.units, self.images, self.maxima))
-        keep = maxima > bound[units]
-        self.maps, self.units, self.images, self.maxima = [maps[keep]], [units[keep]], [images[keep]], [maxima[keep]]
-        self.kept = self.kept_at_prune = int(keep.sum())
+        c = _Candidates.concat(self.parts)
+        keep_map = c.maxima > bound[c.units]
+        new_index = torch.cumsum(keep_map, 0) - 1
+        hot_entry = c.entry_val > bound[c.units[c.entry_map]]
+        # Neighbourhoods of the still-hot pixels, per map, on a dense bool grid.
+        h, w = self.map_shape
+        hot = torch.zeros(c.units.numel(), h * w, dtype=torch.bool, device=c.units.device)
+        hot[c.entry_map[hot_entry], c.entry_pos[hot_entry].long()] = True
+        near = _neighbourhood(hot.view(-1, h, w)).view(-1, h * w)
+        keep_entry = keep_map[c.entry_map] & near[c.entry_map, c.entry_pos.long()]
+        self.parts = [_Candidates(
+            c.units[keep_map], c.images[keep_map], c.maxima[keep_map],
+            new_index[c.entry_map[keep_entry]], c.entry_pos[keep_entry], c.entry_val[keep_entry],
+        )]
+        self.entries = self.entries_at_prune = int(keep_entry.sum())
 
     def state_bytes(self) -> dict:
-        """Memory held between batches: the top-K buffer and the candidate maps."""
+        """Memory held between batches: the top-K buffer and the sparse candidates."""
         top = self.top.numel() * self.top.element_size() if self.top is not None else 0
-        maps = sum(m.numel() * m.element_size() for m in self.maps)
-        return {"top_values": top, "candidate_maps": maps, "k": self.k, "candidate_count": self.kept}
+        cand = sum(p.nbytes() for p in self.parts)
+        return {"top_values": top, "candidates": cand, "k": self.k, "candidate_values": self.entries}
 
     def thresholds(self) -> torch.Tensor:
         return threshold_from_top(self.top, self.n_values, self.det.quantile)
@@ -286,8 +367,9 @@ class _IoUAccumulator(LayerAccumulator):
         self._prune(thresh)  # maps whose maximum is <= T cannot have an active pixel
         inter = torch.zeros(self.n_units * (n_concepts + 1), dtype=torch.float64, device=dev)
         act_area = torch.zeros(self.n_units, n_cat, dtype=torch.float64, device=dev)
-        if self.maps:
-            maps, units, images = self.maps[0], self.units[0], self.images[0]
+        if self.parts:
+            cand = self.parts[0]
+            units, images = cand.units, cand.images
             mh, mw = masks.mask_size
             present = torch.from_numpy(masks.categories_present).to(dev)
             offsets = torch.from_numpy(masks.label_offsets).to(dev)
@@ -295,9 +377,11 @@ class _IoUAccumulator(LayerAccumulator):
             # Chunks bound the memory of the upsampled maps (~64 MB of floats each).
             chunk = max(1, (16 << 20) // (mh * mw))
             for start in range(0, units.numel(), chunk):
-                u_s, img_s = units[start : start + chunk], images[start : start + chunk]
-                up = F.interpolate(maps[start : start + chunk, None], size=(mh, mw), mode="bilinear",
-                                   align_corners=False)[:, 0]
+                stop = min(start + chunk, units.numel())
+                u_s, img_s = units[start:stop], images[start:stop]
+                maps = _densify(cand, start, stop, self.map_shape)
+                up = F.interpolate(maps[:, None], size=(mh, mw), mode="bilinear", align_corners=False)[:, 0]
+                del maps
                 # Only the few active pixels matter from here on: work on their coordinates.
                 s_idx, ys, xs = torch.nonzero(up > thresh[u_s][:, None, None], as_tuple=True)
                 del up
