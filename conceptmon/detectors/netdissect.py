@@ -9,9 +9,10 @@ Two facts make one forward pass enough:
 * a bilinearly upsampled pixel is a convex combination of source activations, so a map
   whose maximum is <= T has no active pixel at all.
 
-So during the pass we keep only the maps whose maximum exceeds the running bound (at
-most K maps per unit, pruned as the bound rises), and compute the IoUs once T is exact.
-Memory stays proportional to the kept top values, never to all activation maps.
+So during the pass we keep, for maps whose maximum exceeds the running bound, only the
+3x3 neighbourhoods of their above-bound pixels (pruned as the bound rises), and compute
+the IoUs once T is exact. Memory stays proportional to the kept top values, never to all
+activation maps.
 Probe masks are decoded once per probe set into a memory-mapped cache.
 """
 from __future__ import annotations
