@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,12 @@ from conceptmon.training import (  # noqa: E402
     EpochRecord,
     TrainingError,
     checkpoint_name,
+    cosine_lr,
     dissect_config,
+    evaluate,
     save_checkpoint,
     stderr_log,
+    train_one_epoch,
     write_config,
 )
 
@@ -328,6 +332,27 @@ class RunFolder:
         print(rec.line(unit), flush=True)
         self.history.append(rec.as_dict())
         store.write_json(self.out / history_name, self.history)
+
+    def fit(self, model, train_dl, val_dl, opt, normalize, device, args: argparse.Namespace, **meta) -> None:
+        """Checkpoint before training (epoch 0), then train with a cosine schedule and
+        checkpoint after every epoch, recording losses and accuracies."""
+        steps_per_epoch = min(len(train_dl), args.max_steps or len(train_dl))
+        total_steps = steps_per_epoch * args.epochs
+        start = time.monotonic()
+        val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
+        self.save(model, 0, val_acc=val_acc, **meta)
+        self.record(EpochRecord(0, None, None, val_acc, time.monotonic() - start))
+        step = 0
+        for epoch in range(1, args.epochs + 1):
+            start = time.monotonic()
+            loss, acc, taken = train_one_epoch(
+                model, train_dl, opt, normalize, device, lr_at=lambda s: cosine_lr(args.lr, s, total_steps),
+                first_step=step, max_steps=args.max_steps, progress=stderr_log,
+            )
+            step += taken
+            val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
+            self.save(model, epoch, val_acc=val_acc, train_acc=acc, **meta)
+            self.record(EpochRecord(epoch, loss, acc, val_acc, time.monotonic() - start))
 
     def write_config(self, args: argparse.Namespace, *, arch: str, kwargs: dict, mean, std, run: str,
                      name: str = "conceptmon.yaml", dissect_out: str = "conceptmon_out") -> Path:

@@ -22,7 +22,6 @@ Examples:
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,14 +29,10 @@ import torch
 import _common as common
 from conceptmon.checkpoints import CheckpointError, load_state_dict
 from conceptmon.training import (
-    EpochRecord,
     Normalizer,
     TrainingError,
-    cosine_lr,
-    evaluate,
     seed_everything,
     stderr_log,
-    train_one_epoch,
 )
 
 
@@ -124,28 +119,12 @@ def main(argv=None) -> None:
     stderr_log(f"{len(data.train)} training / {len(data.val)} validation images, classes {data.classes}")
 
     normalize = Normalizer(data.mean, data.std)
-    steps_per_epoch = min(len(train_dl), args.max_steps or len(train_dl))
-    total_steps = steps_per_epoch * args.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     meta = dict(weights=args.weights if args.weights in ("imagenet", "none") else Path(args.weights).name,
                 seed=args.seed)
 
-    start = time.monotonic()
-    val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
-    run.save(model, 0, val_acc=val_acc, **meta)
-    run.record(EpochRecord(0, None, None, val_acc, time.monotonic() - start))
-    step = 0
-    for epoch in range(1, args.epochs + 1):
-        start = time.monotonic()
-        loss, acc, taken = train_one_epoch(
-            model, train_dl, opt, normalize, device, lr_at=lambda s: cosine_lr(args.lr, s, total_steps),
-            first_step=step, max_steps=args.max_steps, progress=stderr_log,
-        )
-        step += taken
-        val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
-        run.save(model, epoch, val_acc=val_acc, train_acc=acc, **meta)
-        run.record(EpochRecord(epoch, loss, acc, val_acc, time.monotonic() - start))
+    run.fit(model, train_dl, val_dl, opt, normalize, device, args, **meta)
     print(f"checkpoints: {run.checkpoints}\nnext: conceptmon dissect --config {config}")
 
 

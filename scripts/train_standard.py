@@ -14,19 +14,14 @@ Examples:
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
 import _common as common
 from conceptmon.training import (
-    EpochRecord,
     Normalizer,
-    cosine_lr,
-    evaluate,
     seed_everything,
     stderr_log,
-    train_one_epoch,
 )
 
 
@@ -52,26 +47,10 @@ def main(argv=None) -> None:
                f"{data.num_classes} classes; config: {config}")
 
     normalize = Normalizer(data.mean, data.std)
-    steps_per_epoch = min(len(train_dl), args.max_steps or len(train_dl))
-    total_steps = steps_per_epoch * args.epochs
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, nesterov=args.momentum > 0)
 
-    start = time.monotonic()
-    val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
-    run.save(model, 0, val_acc=val_acc, dataset=args.dataset, seed=args.seed)
-    run.record(EpochRecord(0, None, None, val_acc, time.monotonic() - start))
-    step = 0
-    for epoch in range(1, args.epochs + 1):
-        start = time.monotonic()
-        loss, acc, taken = train_one_epoch(
-            model, train_dl, opt, normalize, device, lr_at=lambda s: cosine_lr(args.lr, s, total_steps),
-            first_step=step, max_steps=args.max_steps, progress=stderr_log,
-        )
-        step += taken
-        val_acc = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
-        run.save(model, epoch, val_acc=val_acc, train_acc=acc, dataset=args.dataset, seed=args.seed)
-        run.record(EpochRecord(epoch, loss, acc, val_acc, time.monotonic() - start))
+    run.fit(model, train_dl, val_dl, opt, normalize, device, args, dataset=args.dataset, seed=args.seed)
     print(f"checkpoints: {run.checkpoints}\nnext: conceptmon dissect --config {config}")
 
 
