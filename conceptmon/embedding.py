@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from . import __version__, store
+from .config import EmbeddingConfig
 from .encoders import EncoderError, create_encoder, encode_cached
 from .errors import ConceptmonError
 
@@ -241,14 +242,9 @@ def _no_transform(v: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class EmbedSettings:
-    encoder: str = "minilm"
-    temperature: float = 1.0
-    anchors: list[str] = field(default_factory=list)
-    map_fit: str = "vocabulary"
-    placement: str = "mean"
-    map_method: str = "umap"
-    seed: int = 0
+class EmbedSettings(EmbeddingConfig):
+    """The config's ``embedding:`` section plus ``top_k``: everything an embedding depends on."""
+
     top_k: int = 5
 
     def validate(self) -> "EmbedSettings":
@@ -280,16 +276,10 @@ def resolve_settings(manifest: dict, **given) -> EmbedSettings:
     """Explicit values win; the rest come from the manifest's config (``embedding:``, ``top_k``)."""
     cfg = manifest.get("config") or {}
     emb = cfg.get("embedding") or {}
-    s = EmbedSettings(
-        encoder=emb.get("encoder", "minilm"),
-        temperature=float(emb.get("temperature", 1.0)),
-        anchors=clean_anchors(emb.get("anchors")),
-        map_fit=emb.get("map_fit", "vocabulary"),
-        placement=emb.get("placement", "mean"),
-        map_method=emb.get("map_method", "umap"),
-        seed=int(emb.get("seed", 0)),
-        top_k=int(cfg.get("top_k", 5)),
-    )
+    known = {f.name for f in fields(EmbeddingConfig)}
+    s = EmbedSettings(**{k: v for k, v in emb.items() if k in known}, top_k=int(cfg.get("top_k", 5)))
+    s.anchors = clean_anchors(s.anchors)
+    s.seed = int(s.seed)
     for name, value in given.items():
         if value is not None:
             setattr(s, name, clean_anchors(value) if name == "anchors" else value)
