@@ -119,3 +119,11 @@ def test_lightning_callback_without_lightning_says_how_to_install(array_probe_co
     else:
         with pytest.raises(ConceptmonError, match="pip install lightning"):
             lightning_callback(array_probe_config)
+
+
+def test_linear_layers_are_dissected_as_whole_image_units(array_probe_config, tiny_ckpts, tmp_path):
+    cfg = {**array_probe_config, "layers": ["conv2", "head"]}
+    run(cfg, tiny_ckpts, tmp_path / "out", epochs=[0])
+    df = store.read_dissect(tmp_path / "out")
+    head = df[df.layer == "head"]
+    assert sorted(head.neuron.unique()) == [0, 1, 2] and len(head) == 3 * 3

@@ -92,3 +92,20 @@ def test_single_pass_iou_equals_brute_force(tmp_path, batch_size, quantile, n, s
         np.testing.assert_allclose(results[name].scores.numpy(), want, rtol=1e-5, atol=1e-6)
         assert want.max() > 0  # the comparison is not vacuous
 
+
+
+def test_linear_units_cover_the_whole_image(tmp_path):
+    probe = random_probe(n=30, seed=4)
+    model = TinyConv(seed=4)
+    cfg = config_from_dict({"layers": ["head"], "batch_size": 7, "probe": {"mean": [0, 0, 0], "std": [1, 1, 1]},
+                            "detector": {"quantile": 0.2}})
+    ctx = RunContext(device=torch.device("cpu"), cache_dir=tmp_path)
+    det = create_detector(cfg, probe, ctx)
+    results = collect_layers(model, cfg.layers, make_loader(probe, cfg, ctx.device), det, ctx.device,
+                             mean=cfg.probe.mean, std=cfg.probe.std)
+    x = torch.stack([torch.from_numpy(probe.images[i]).permute(2, 0, 1).float() / 255 for i in range(len(probe))])
+    with torch.no_grad():
+        head = model(x)
+    want = reference_iou(head[:, :, None, None].numpy(), probe, 0.2)
+    np.testing.assert_allclose(results["head"].scores.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert want.max() > 0

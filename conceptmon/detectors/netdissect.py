@@ -298,9 +298,11 @@ class _IoUAccumulator(LayerAccumulator):
         return self.top[:, self.k - 1]
 
     def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
+        if acts.dim() == 2:  # a linear unit has no extent: its value covers the whole image
+            acts = acts[:, :, None, None]
         if acts.dim() != 4:
             raise DetectorError(
-                f"layer {self.layer}: netdissect needs convolutional maps (N, C, H, W), got shape "
+                f"layer {self.layer}: netdissect needs maps (N, C, H, W) or linear outputs (N, C), got shape "
                 f"{tuple(acts.shape)}; use detector clip-dissect for this layer"
             )
         acts = acts.float()
