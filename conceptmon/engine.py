@@ -361,6 +361,18 @@ class Dissector:
         self.detector.prepare()
         self._loader = make_loader(self.probe, self.cfg, self.device)
 
+    def _progress(self, epoch: int, every_s: float = 10.0) -> Callable[[int, int], None]:
+        """Logs how far the pass is every ``every_s`` seconds, so long runs show life."""
+        state = {"next": time.monotonic() + every_s}
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done < total and now >= state["next"]:
+                self.log(f"epoch {epoch}: {done}/{total} probe images")
+                state["next"] = now + every_s
+
+        return report
+
     def dissect_current(self, epoch: int, source: str, sha: str) -> tuple[pd.DataFrame, dict]:
         """Dissect ``self.model`` as it is now; write the epoch's tables, then its record."""
         self._prepare()
@@ -368,7 +380,8 @@ class Dissector:
         was_training = self.model.training
         try:
             results = collect_layers(self.model, self.cfg.layers, self._loader, self.detector, self.device,
-                                     amp=self.cfg.amp, mean=self.cfg.probe.mean, std=self.cfg.probe.std)
+                                     amp=self.cfg.amp, mean=self.cfg.probe.mean, std=self.cfg.probe.std,
+                                     progress=self._progress(epoch))
         finally:
             self.model.train(was_training)
         dissect_df, images_df = result_tables(results, self.detector, self.probe, run=self.run, epoch=epoch,
