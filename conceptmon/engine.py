@@ -26,7 +26,7 @@ from .detectors import Detector, RunContext, create_detector
 from .errors import ConceptmonError
 from .hooks import LayerTrace, resolve_layers
 from .models import build_model, resolve_device
-from .probes import ProbeSet, create_probe
+from .probes import ProbeError, ProbeSet, create_probe
 
 TOP_IMAGES_PER_NEURON = 10
 
@@ -79,6 +79,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, probe: ProbeSet, image_size: int | None):
         self.probe = probe
         self.image_size = image_size
+        # Without a target size every image must match the first, or batches cannot form.
+        self.stored_size = probe.load_image(0).size if image_size is None and len(probe) else None
 
     def __len__(self) -> int:
         return len(self.probe)
@@ -87,6 +89,12 @@ class ImageDataset(torch.utils.data.Dataset):
         img = self.probe.load_image(i)
         if self.image_size is not None and img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        elif self.image_size is None and img.size != self.stored_size:
+            w, h = self.stored_size
+            raise ProbeError(
+                f"{self.probe.relpath(i)}: image is {img.size[0]}x{img.size[1]}, the first is {w}x{h}; "
+                f"set probe.image_size to resize all probe images to one size"
+            )
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), i
 
 

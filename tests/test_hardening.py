@@ -17,3 +17,17 @@ def test_truncated_image_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:60])
     with pytest.raises(ProbeError, match=r"cut\.png: unreadable image"):
         open_rgb(path)
+
+
+def test_mixed_image_sizes_without_image_size_is_one_clear_error(tmp_path):
+    from conceptmon.engine import ImageDataset
+    from conceptmon.probes.folder import FolderProbe
+
+    for i, size in enumerate([(32, 32), (32, 32), (40, 24)]):
+        Image.new("RGB", size, (i * 50, 0, 0)).save(tmp_path / f"{i}.png")
+    probe = FolderProbe(tmp_path)
+    dataset = ImageDataset(probe, image_size=None)
+    assert dataset[1][0].shape == (3, 32, 32)
+    with pytest.raises(ProbeError, match=r"2\.png: image is 40x24, the first is 32x32; set probe\.image_size"):
+        dataset[2]
+    assert ImageDataset(probe, image_size=16)[2][0].shape == (3, 16, 16)
