@@ -27,6 +27,11 @@ def fail_cleanly(fn):
     return wrapper
 
 
+def log_to_stderr(message: str) -> None:
+    """Progress and notices go to stderr, so stdout stays clean for pipelines."""
+    click.echo(message, err=True)
+
+
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help=f"YAML config (default: ./{DEFAULT_CONFIG}).",

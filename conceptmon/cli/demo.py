@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import fail_cleanly
+from .common import fail_cleanly, log_to_stderr
 
 
 @main.command()
@@ -27,4 +27,4 @@ def demo(out, epochs, seed, device, tiny):
 
     settings = DemoSettings.tiny() if tiny else DemoSettings()
     settings = replace(settings, seed=seed, device=device, **({"epochs": epochs} if epochs is not None else {}))
-    run_demo(out, settings, echo=click.echo, log=lambda m: click.echo(m, err=True))
+    run_demo(out, settings, echo=click.echo, log=log_to_stderr)

@@ -7,7 +7,7 @@ import click
 
 from ..config import DEFAULT_CONFIG, ConfigError, override
 from . import main
-from .common import config_option, fail_cleanly, load_cfg, parse_epochs, split_csv
+from .common import config_option, fail_cleanly, load_cfg, log_to_stderr, parse_epochs, split_csv
 
 STARTER = """\
 # conceptmon config: written by `conceptmon init`. Every key is optional except layers.
@@ -129,7 +129,7 @@ def dissect(config_path, ckpts, out, layers, epochs, device, batch_size, limit, 
     )
     from ..engine import dissect_run  # torch loads only for the commands that need it
 
-    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    log = (lambda m: None) if quiet else log_to_stderr
     written = dissect_run(
         cfg,
         ckpts=ckpts,

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import config_option, fail_cleanly, find_out, out_option, parse_epochs, split_csv
+from .common import config_option, fail_cleanly, find_out, log_to_stderr, out_option, parse_epochs, split_csv
 
 anchors_option = click.option(
     "--anchors", default=None, metavar="WORD,WORD",
@@ -47,7 +47,7 @@ def embed_cmd(config_path, out, anchors, encoder, temperature, map_fit, placemen
     embed_run(
         find_out(config_path, out), anchors=split_csv(anchors), encoder=encoder, temperature=temperature,
         map_fit=map_fit, placement=placement, map_method=map_method, device=device, cache_dir=cache_dir,
-        force=force, log=click.echo,
+        force=force, log=log_to_stderr,
     )
 
 
@@ -69,5 +69,5 @@ def plot_cmd(config_path, out, anchors, neurons, layers, epochs):
 
     plot_run(
         find_out(config_path, out), anchors=split_csv(anchors), neurons=parse_neuron_refs(neurons),
-        layers=split_csv(layers), epochs=parse_epochs(epochs), log=click.echo,
+        layers=split_csv(layers), epochs=parse_epochs(epochs), log=log_to_stderr,
     )

@@ -12,7 +12,7 @@ import click
 
 from .. import stats as statistics
 from . import main
-from .common import config_option, fail_cleanly, find_out, out_option, split_csv
+from .common import config_option, fail_cleanly, find_out, log_to_stderr, out_option, split_csv
 
 FORMATS = click.Choice(["table", "csv", "json"])
 
@@ -21,7 +21,7 @@ def _stderr_log(notices: list[str] | None = None):
     def log(message: str) -> None:
         if notices is not None and "notice:" in message:
             notices.append(message)
-        click.echo(message, err=True)
+        log_to_stderr(message)
 
     return log
 
@@ -126,5 +126,5 @@ def report(config_path, out, compare_with, labels):
 
     out = find_out(config_path, out)
     path = report_run(out, compare=compare_with, labels=_parse_labels(labels) if labels else None,
-                      log=lambda m: click.echo(m, err=True))
+                      log=log_to_stderr)
     click.echo(str(path))

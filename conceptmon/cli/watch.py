@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .common import config_option, fail_cleanly, load_cfg
+from .common import config_option, fail_cleanly, load_cfg, log_to_stderr
 
 
 @main.command()
@@ -27,4 +27,4 @@ def watch(config_path, ckpts, out, interval, patience, no_refresh, trust_checkpo
 
     cfg = load_cfg(config_path)
     watch_run(cfg, ckpts=ckpts, out=out, interval=interval, patience=patience, refresh=not no_refresh,
-              trust_checkpoints=trust_checkpoints, log=lambda m: click.echo(m, err=True))
+              trust_checkpoints=trust_checkpoints, log=log_to_stderr)
