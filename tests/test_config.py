@@ -78,3 +78,32 @@ def test_shipped_configs_are_valid():
     for path in configs:
         cfg = load_config(path)
         assert cfg.layers, path
+
+
+def test_readme_config_block_is_valid_and_complete():
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from conceptmon.config import Config
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    data = yaml.safe_load(text.split("## Configuration\n\n```yaml\n")[1].split("```")[0])
+    config_from_dict(data)  # every key documented there is a real key
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            factory = f.default_factory
+            if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+                yield from keys(factory, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    documented = set()
+    for k, v in data.items():
+        documented |= {f"{k}.{kk}" for kk in v} if isinstance(v, dict) else {k}
+    missing = sorted(set(keys(Config)) - documented)
+    assert not missing, f"config keys missing from the README: {missing}"
