@@ -79,12 +79,24 @@ class EmbeddingConfig:
 
 
 @dataclass
+class TrustConfig:
+    replicates: int = 50
+    """Bootstrap resamples of the probe images for each label's confidence; 0 turns it off."""
+    seed: int = 0
+    """Seeds the resampling weights: the same seed gives the same confidences."""
+    level: float = 0.9
+    """A label is *confident* when its confidence is at least this (changes between two
+    confident labels are confident changes)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     layers: list[str] = field(default_factory=list)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     concepts: str | None = None
     """Concept set for detectors that need one: broden | cifar100 | synthetic | path/to/words.txt."""
     checkpoints: str | None = None
@@ -203,6 +215,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"probe.{key}: expected 3 numbers (R, G, B in [0,1] units), got {v}")
     if any(s <= 0 for s in cfg.probe.std):
         raise ConfigError(f"probe.std: must be positive, got {cfg.probe.std}")
+    if cfg.trust.replicates < 0 or cfg.trust.replicates > 10000:
+        raise ConfigError(f"trust.replicates: must be between 0 (off) and 10000, got {cfg.trust.replicates}")
+    if not 0 < cfg.trust.level <= 1:
+        raise ConfigError(f"trust.level: must be in (0, 1], got {cfg.trust.level}")
     if cfg.embedding.temperature <= 0:
         raise ConfigError(f"embedding.temperature: must be positive, got {cfg.embedding.temperature}")
     if cfg.embedding.map_fit not in ("vocabulary", "neurons"):

@@ -22,7 +22,7 @@ from PIL import Image
 from . import __version__, store
 from .checkpoints import CheckpointError, CheckpointFile, apply_state_dict, file_sha256, find_checkpoints, load_state_dict
 from .config import Config, ConfigError, resolve_out, run_name
-from .detectors import Detector, RunContext, create_detector
+from .detectors import Detector, LayerScores, RunContext, TrustSettings, create_detector, rank_concepts
 from .errors import ConceptmonError
 from .hooks import LayerTrace, resolve_layers
 from .models import build_model, resolve_device
@@ -110,9 +110,13 @@ def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
 
 @dataclass
 class LayerResult:
-    scores: torch.Tensor  # (U, M)
+    labels: LayerScores  # (U, M) scores, dead units, confidence
     top_values: torch.Tensor  # (U, k) activations of the top images
     top_index: torch.Tensor  # (U, k) probe indices
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.labels.scores
 
 
 def make_loader(probe: ProbeSet, cfg: Config, device: torch.device):
@@ -163,7 +167,56 @@ def collect_layers(
             if progress:
                 progress(done, total)
     return {
-        name: LayerResult(accs[name].scores(), tops[name].values, tops[name].index) for name in layers
+        name: LayerResult(LayerScores.of(accs[name].scores()), tops[name].values, tops[name].index)
+        for name in layers
+    }
+
+
+def _unit_column(value: torch.Tensor | None, n_units: int, fill: float) -> np.ndarray:
+    """A per-unit float32 column from an optional (U,) tensor (``fill`` when absent)."""
+    if value is None:
+        return np.full(n_units, fill, dtype=np.float32)
+    return value.detach().float().cpu().numpy().astype(np.float32).reshape(n_units)
+
+
+def label_rows(labels: LayerScores, names: np.ndarray, cats: np.ndarray, threshold: float, top_k: int) -> dict:
+    """The DISSECT columns of one layer (without run, epoch, layer, detector).
+
+    Live units get ``top_k`` rows ranked by :func:`rank_concepts`; a dead unit gets one
+    rank-0 row with no concept, score 0, not interpretable and confidence 0.
+    """
+    scores = labels.scores.float().cpu()
+    n_units, n_concepts = scores.shape
+    k = min(top_k, n_concepts)
+    vals, idx = (t.numpy() for t in rank_concepts(scores, k))
+    dead = (labels.dead.cpu().numpy().astype(bool).reshape(n_units) if labels.dead is not None
+            else np.zeros(n_units, dtype=bool))
+    if labels.interpretable is not None:
+        interpretable = labels.interpretable.cpu().numpy().astype(bool).reshape(n_units)
+    else:
+        interpretable = vals[:, 0] >= threshold
+    interpretable = interpretable & ~dead
+    confidence = np.where(dead, 0.0, _unit_column(labels.confidence, n_units, np.nan)).astype(np.float32)
+    low = np.where(dead, 0.0, _unit_column(labels.score_low, n_units, np.nan)).astype(np.float32)
+    high = np.where(dead, 0.0, _unit_column(labels.score_high, n_units, np.nan)).astype(np.float32)
+    rows_per_unit = np.where(dead, 1, k)
+    unit = np.repeat(np.arange(n_units, dtype=np.int32), rows_per_unit)
+    rank = (np.arange(len(unit)) - np.repeat(np.cumsum(rows_per_unit) - rows_per_unit, rows_per_unit)).astype(np.int16)
+    live_row = ~dead[unit]
+    concept_idx = idx[unit, rank]
+    score = np.where(live_row, vals[unit, rank], 0.0).astype(np.float32)
+    return {
+        "neuron": unit,
+        "rank": rank,
+        "concept": np.where(live_row, names[concept_idx], None),
+        "category": np.where(live_row, cats[concept_idx], None),
+        "score": score,
+        "distance": (-score).astype(np.float32),
+        "interpretable": interpretable[unit],
+        "dead": dead[unit],
+        "confidence": confidence[unit],
+        "score_low": low[unit],
+        "score_high": high[unit],
     }
 
 
@@ -176,28 +229,10 @@ def result_tables(
     relpaths = None
     dissect_parts, image_parts = [], []
     for layer, res in results.items():
-        scores = res.scores.float().cpu()
-        n_units, n_concepts = scores.shape
-        k = min(top_k, n_concepts)
-        top = scores.topk(k, dim=1)
-        vals, idx = top.values.numpy(), top.indices.numpy()
-        interpretable = vals[:, 0] >= detector.threshold
+        columns = label_rows(res.labels, names, cats, detector.threshold, top_k)
+        n_units = res.labels.scores.shape[0]
         dissect_parts.append(
-            pd.DataFrame(
-                {
-                    "run": run,
-                    "epoch": np.int32(epoch),
-                    "layer": layer,
-                    "neuron": np.repeat(np.arange(n_units, dtype=np.int32), k),
-                    "rank": np.tile(np.arange(k, dtype=np.int16), n_units),
-                    "concept": names[idx.reshape(-1)],
-                    "category": cats[idx.reshape(-1)],
-                    "score": vals.reshape(-1).astype(np.float32),
-                    "distance": (-vals.reshape(-1)).astype(np.float32),
-                    "interpretable": np.repeat(interpretable, k),
-                    "detector": detector.name,
-                }
-            )
+            pd.DataFrame({"run": run, "epoch": np.int32(epoch), "layer": layer, **columns, "detector": detector.name})
         )
         tv, ti = res.top_values.float().cpu().numpy(), res.top_index.cpu().numpy()
         if relpaths is None:
@@ -345,7 +380,8 @@ class Dissector:
         self.probe = create_probe(cfg.probe)
         cache = Path(cfg.cache_dir) if cfg.cache_dir else store.cache_dir(self.out)
         self.ctx = RunContext(
-            device=self.device, cache_dir=cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers, log=log
+            device=self.device, cache_dir=cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers, log=log,
+            trust=TrustSettings(cfg.trust.replicates, cfg.trust.seed),
         )
         self.detector = create_detector(cfg, self.probe, self.ctx)
         self.fingerprint = config_fingerprint(cfg)

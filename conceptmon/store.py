@@ -49,9 +49,18 @@ DISSECT = pa.schema(
         ("score", pa.float32()),
         ("distance", pa.float32()),
         ("interpretable", pa.bool_()),
+        ("dead", pa.bool_()),
+        ("confidence", pa.float32()),
+        ("score_low", pa.float32()),
+        ("score_high", pa.float32()),
         ("detector", pa.string()),
     ]
 )
+"""One row per (layer, neuron, rank) for the top-k concepts; a *dead* unit has a single
+rank-0 row with null concept and category, score 0, not interpretable. ``confidence``
+(same on every row of a neuron) is the bootstrap share of resamples whose top-1 concept
+is the reported one, and ``score_low``/``score_high`` a 90 % interval of the top-1
+score; all three are NaN when the bootstrap is off (``trust.replicates: 0``)."""
 
 TOP_IMAGES = pa.schema(
     [

@@ -116,6 +116,7 @@ def make_run(
         "layers": list(layers),
     }
     store.write_json(out / store.MANIFEST, manifest)
+    conf_rng = np.random.default_rng(seed + 1000)  # its own stream: the labels stay as before
     for t, epoch in enumerate(epochs):
         dissect_parts, image_parts = [], []
         for layer in layers:
@@ -132,7 +133,10 @@ def make_run(
                 "rank": np.tile(np.arange(k, dtype=np.int16), n_neurons),
                 "concept": names[idx.reshape(-1)], "category": cats[idx.reshape(-1)],
                 "score": scores.reshape(-1).astype(np.float32), "distance": -scores.reshape(-1).astype(np.float32),
-                "interpretable": np.repeat(interpretable, k), "detector": "netdissect",
+                "interpretable": np.repeat(interpretable, k), "dead": False,
+                "confidence": np.repeat(conf_rng.uniform(0.3, 1.0, n_neurons).astype(np.float32), k),
+                "score_low": (scores.reshape(-1) * 0.8).astype(np.float32),
+                "score_high": (scores.reshape(-1) * 1.2).astype(np.float32), "detector": "netdissect",
             }))
             n_top = top.shape[1]
             image_parts.append(pd.DataFrame({
@@ -160,7 +164,9 @@ def set_neuron(out: Path, epoch: int, layer: str, neuron: int, concepts: list[st
         "run": template["run"], "epoch": np.int32(epoch), "layer": layer, "neuron": np.int32(neuron),
         "rank": np.arange(len(concepts), dtype=np.int16), "concept": concepts, "category": "other",
         "score": np.asarray(scores, dtype=np.float32), "distance": -np.asarray(scores, dtype=np.float32),
-        "interpretable": True, "detector": template["detector"],
+        "interpretable": True, "dead": False, "confidence": np.float32(1.0),
+        "score_low": np.asarray(scores, dtype=np.float32), "score_high": np.asarray(scores, dtype=np.float32),
+        "detector": template["detector"],
     })
     store.write_table(path, pd.concat([df, rows], ignore_index=True), store.DISSECT)
     record = store.read_json(store.epoch_record_path(out, epoch))  # as a re-dissection would

@@ -185,7 +185,9 @@ def big_run(tmp_path, n_epochs=30, layers=("layer2", "layer3", "layer4"), n_neur
             "neuron": np.repeat(neuron_col, top_k), "rank": np.tile(np.arange(top_k), n_units),
             "concept": concepts[base.reshape(-1)], "category": concept_category[base.reshape(-1)],
             "score": scores.reshape(-1), "distance": -scores.reshape(-1),
-            "interpretable": np.repeat(scores[:, 0] >= 0.04, top_k), "detector": "netdissect",
+            "interpretable": np.repeat(scores[:, 0] >= 0.04, top_k), "dead": False,
+            "confidence": np.float32(1.0), "score_low": scores.reshape(-1), "score_high": scores.reshape(-1),
+            "detector": "netdissect",
         })
         store.write_table(store.dissect_path(out, epoch), rows, store.DISSECT)
         images = pd.DataFrame({

@@ -50,7 +50,8 @@ def dissect_rows(top1=TOP1, run="hand", detector="netdissect") -> pd.DataFrame:
                 rows.append(
                     dict(run=run, epoch=epoch, layer=layer, neuron=neuron, rank=rank, concept=c,
                          category=CATEGORY[c], score=s, distance=-s,
-                         interpretable=score >= THRESHOLD, detector=detector)
+                         interpretable=score >= THRESHOLD, dead=False, confidence=1.0,
+                         score_low=s, score_high=s, detector=detector)
                 )
     frame = pd.DataFrame(rows)
     # Round-trip through the schema as the engine would: scores become float32.

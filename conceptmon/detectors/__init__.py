@@ -8,7 +8,10 @@ import difflib
 
 from ..config import Config
 from ..probes.base import ProbeSet
-from .base import Detector, DetectorError, LayerAccumulator, RunContext
+from .base import (
+    Detector, DetectorError, LayerAccumulator, LayerScores, RunContext, TrustSettings, bootstrap_summary,
+    poisson_weights, rank_concepts,
+)
 
 _REGISTRY: dict[str, type[Detector]] = {}
 
@@ -49,4 +52,7 @@ def create_detector(cfg: Config, probe: ProbeSet, ctx: RunContext) -> Detector:
     return cls(cfg, probe, ctx)
 
 
-__all__ = ["Detector", "DetectorError", "LayerAccumulator", "RunContext", "create_detector", "list_detectors", "register_detector"]
+__all__ = [
+    "Detector", "DetectorError", "LayerAccumulator", "LayerScores", "RunContext", "TrustSettings", "bootstrap_summary",
+    "create_detector", "list_detectors", "poisson_weights", "rank_concepts", "register_detector",
+]

@@ -9,9 +9,18 @@ accumulator; the detector never runs the target model itself::
     acc = detector.accumulator("layer4", n_units=512)
     for acts, index in batches:              # acts: (B, U, H, W) or (B, U) on ctx.device
         acc.add(acts, index)
-    scores = acc.scores()                    # (U, len(detector.concepts)), higher = closer
+    result = acc.scores()                    # LayerScores: (U, M) scores, higher = closer,
+                                             # plus dead units and bootstrap confidence
 
 Rows, ranks, ``interpretable`` flags and the Parquet tables are the engine's job.
+
+**Label confidence.** With ``ctx.trust.replicates = B > 0`` an accumulator may resample
+the probe images B times (Poisson(1) weights per image and replicate, drawn by
+:func:`poisson_weights` so every detector resamples the same way) and summarise the
+replicate scores with :func:`bootstrap_summary`: per unit, the share of replicates whose
+top-1 concept is the reported one, and a 90 % interval of the reported concept's score.
+Ranking is always :func:`rank_concepts` (score descending, lower concept index first on
+ties), so "the reported top-1" means the same thing everywhere.
 """
 from __future__ import annotations
 
@@ -33,6 +42,14 @@ class DetectorError(ConceptmonError):
     """A detector that cannot run with this probe set or configuration."""
 
 
+@dataclass(frozen=True)
+class TrustSettings:
+    """Bootstrap of label confidence: ``replicates`` resamples (0 = off), seeded by ``seed``."""
+
+    replicates: int = 0
+    seed: int = 0
+
+
 @dataclass
 class RunContext:
     device: torch.device
@@ -40,6 +57,74 @@ class RunContext:
     batch_size: int = 64
     num_workers: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None)
+    trust: TrustSettings = field(default_factory=TrustSettings)
+
+
+@dataclass
+class LayerScores:
+    """What an accumulator returns for one layer.
+
+    ``scores`` (U, M) float32, higher = closer. ``dead`` (U,) bool: units with no signal
+    at all (no active pixel, constant activation); they get no concept. ``confidence``
+    (U,) in [0, 1] and ``score_low``/``score_high`` (U,) come from the bootstrap (None when
+    it is off or the detector does not resample). ``interpretable`` (U,) bool, when the
+    detector decides it by its own rule (e.g. a calibrated null); None = best score >=
+    the detector's threshold.
+    """
+
+    scores: torch.Tensor
+    dead: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+    score_low: torch.Tensor | None = None
+    score_high: torch.Tensor | None = None
+    interpretable: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, value: "LayerScores | torch.Tensor") -> "LayerScores":
+        """Accept a bare (U, M) tensor from simple detectors."""
+        return value if isinstance(value, LayerScores) else cls(scores=value)
+
+
+# ----------------------------------------------------------------------------- shared maths
+
+
+def rank_concepts(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (values, indices) per row: score descending, ties to the lower concept index.
+
+    ``torch.topk`` does not define the order of ties; a stable sort does, so the reported
+    top-1, the bootstrap's top-1 and the tables always agree.
+    """
+    k = min(int(k), scores.shape[-1])
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def poisson_weights(n_images: int, replicates: int, seed: int, device=None) -> torch.Tensor:
+    """(replicates, n_images) float32 Poisson(1) bootstrap weights, the same for every
+    detector, layer and device given (n_images, replicates, seed)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    weights = torch.poisson(torch.ones(replicates, n_images), generator=generator)
+    return weights.to(device) if device is not None else weights
+
+
+def bootstrap_summary(
+    replicate_scores: torch.Tensor, reported: torch.Tensor, interval: float = 0.9
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per unit: share of replicates whose top-1 is ``reported``, and the ``interval``
+    (default 90 %) range of the reported concept's replicate score.
+
+    replicate_scores (B, U, M); reported (U,) long concept indices. A unit can be
+    summarised in chunks of units: nothing here mixes units.
+    """
+    b = replicate_scores.shape[0]
+    _, top = rank_concepts(replicate_scores, 1)  # (B, U, 1)
+    confidence = (top[..., 0] == reported[None, :]).float().mean(dim=0)
+    idx = reported.view(1, -1, 1).expand(b, -1, 1)
+    own = torch.gather(replicate_scores, 2, idx)[..., 0].float()  # (B, U)
+    tail = (1.0 - interval) / 2
+    low = torch.quantile(own, tail, dim=0)
+    high = torch.quantile(own, 1.0 - tail, dim=0)
+    return confidence, low, high
 
 
 class LayerAccumulator(ABC):
@@ -50,8 +135,8 @@ class LayerAccumulator(ABC):
         """acts: (B, U, ...) activations of images ``index`` (B,) int64 probe indices."""
 
     @abstractmethod
-    def scores(self) -> torch.Tensor:
-        """(U, n_concepts) float32 on any device: higher means the concept fits better."""
+    def scores(self) -> "LayerScores | torch.Tensor":
+        """:class:`LayerScores` (or a bare (U, n_concepts) tensor): higher means closer."""
 
 
 class Detector(ABC):
