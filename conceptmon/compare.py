@@ -52,18 +52,11 @@ def check_labels(labels) -> tuple[str, str]:
     return labels
 
 
-EMBED_RECORD = "embed.json"
-"""Written by ``conceptmon embed`` (conceptmon.embedding.EMBED_META); read here without
-importing conceptmon.embedding, which loads torch."""
-
-
 def text_encoder(out: Path, manifest: dict) -> str | None:
     """The text encoder a run's embedding used: its embed record, else the config's."""
-    path = store.embed_dir(out) / EMBED_RECORD
-    if path.exists():
-        record = store.read_json(path)
-        if isinstance(record, dict) and isinstance(record.get("encoder"), str):
-            return record["encoder"]
+    gen = store.read_generation(Path(out), store.EMBED)
+    if gen is not None and isinstance(gen.record.get("encoder"), str):
+        return gen.record["encoder"]
     return ((manifest.get("config") or {}).get("embedding") or {}).get("encoder")
 
 

@@ -49,7 +49,6 @@ from .config import EmbeddingConfig
 from .encoders import EncoderError, create_encoder, encode_cached
 from .errors import ConceptmonError
 
-EMBED_META = "embed.json"
 MAP_FITS = ("vocabulary", "neurons")
 PLACEMENTS = ("mean", "transform")
 MAP_METHODS = ("umap", "pca")
@@ -287,47 +286,56 @@ def resolve_settings(manifest: dict, **given) -> EmbedSettings:
     return s.validate()
 
 
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def embed_generation(out: Path, *, require_fresh: bool = True) -> store.Generation | None:
+    """The current embedding of ``out`` (None when never embedded).
+
+    With ``require_fresh`` it must have been made from exactly the dissect tables that are
+    there now, and its own files must be intact; otherwise :class:`store.StaleError`
+    names what changed and the command that refreshes it.
+    """
+    out = Path(out)
+    gen = store.read_generation(out, store.EMBED)
+    if gen is None:
+        if store.legacy_outputs(out, store.EMBED):
+            raise store.StaleError(f"{store.embed_dir(out)}: written by conceptmon 0.1; re-run `conceptmon embed`")
+        return None
+    if require_fresh:
+        problem = staleness(out, gen)
+        if problem:
+            raise store.StaleError(f"{store.embed_dir(out)}: {problem}; re-run `conceptmon embed --out {out}`")
+    return gen
 
 
-def dissection_state(out: Path) -> dict[str, str]:
-    """epoch -> hash of its record file: changes when an epoch is added, redone or removed."""
-    return {str(e): _file_sha(store.epoch_record_path(out, e)) for e in store.finished_epochs(out)}
-
-
-def meta_path(out: Path) -> Path:
-    return store.embed_dir(out) / EMBED_META
-
-
-def neurons_path(out: Path) -> Path:
-    return store.embed_dir(out) / "neurons.parquet"
-
-
-def anchors_path(out: Path) -> Path:
-    return store.embed_dir(out) / "anchors.parquet"
-
-
-def distances_path(out: Path) -> Path:
-    return store.embed_dir(out) / "neuron_anchor_distance.parquet"
+def staleness(out: Path, gen: store.Generation) -> str | None:
+    """Why ``gen`` no longer matches the dissect tables of ``out`` (None when it does)."""
+    made_from = (gen.record.get("inputs") or {}).get("dissect") or {}
+    now = store.dissect_inputs(store.check_dissect_lineage(out))
+    if made_from != now:
+        changed = sorted({int(e) for e in set(made_from) ^ set(now)}
+                         | {int(e) for e in set(made_from) & set(now) if made_from[e] != now[e]})
+        return f"made from other dissect tables (epochs {changed} were added, removed or redone since)"
+    bad = gen.stale_files()
+    if bad:
+        return f"{', '.join(bad)} changed on disk since it was written"
+    return None
 
 
 def read_embed_meta(out: Path) -> dict | None:
-    """The embed.json of ``out`` (encoder, settings, map key, dissection state), or None."""
-    path = meta_path(out)
-    return store.read_json(path) if path.exists() else None
+    """The record of the current embedding (encoder, settings, map key, inputs), or None."""
+    gen = store.read_generation(Path(out), store.EMBED)
+    return gen.record if gen is not None else None
 
 
-def _freshness(settings: EmbedSettings, encoder_fp: str, state: dict) -> dict:
-    return {"settings": asdict(settings), "encoder_fingerprint": encoder_fp, "dissection": state}
+def _freshness(settings: EmbedSettings, encoder_fp: str, inputs: dict) -> dict:
+    return {"settings": asdict(settings), "encoder_fingerprint": encoder_fp, "inputs": {"dissect": inputs}}
 
 
 def is_fresh(out: Path, settings: EmbedSettings, encoder_fp: str) -> bool:
-    meta = read_embed_meta(out)
-    if meta is None or not all(p.exists() for p in (neurons_path(out), anchors_path(out), distances_path(out))):
+    gen = store.read_generation(Path(out), store.EMBED)
+    if gen is None or gen.stale_files():
         return False
-    expected = _freshness(settings, encoder_fp, dissection_state(out))
-    return {k: meta.get(k) for k in expected} == expected
+    expected = _freshness(settings, encoder_fp, store.dissect_inputs(store.check_dissect_lineage(out)))
+    return {k: gen.record.get(k) for k in expected} == expected
 
 
 def same_map(meta_a: dict, meta_b: dict) -> bool:
@@ -379,10 +387,7 @@ def embed_run(
         cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else store.cache_dir(out)
     text_encoder = create_encoder(settings.encoder, device or cfg.get("device") or "auto")
     encoder_fp = text_encoder.fingerprint()
-    summary = {
-        "neurons": neurons_path(out), "anchors": anchors_path(out), "distances": distances_path(out),
-        "meta": meta_path(out), "encoder": settings.encoder, "settings": asdict(settings),
-    }
+    summary = {"encoder": settings.encoder, "settings": asdict(settings)}
     if not force and is_fresh(out, settings, encoder_fp):
         meta = read_embed_meta(out)
         log(f"embed: {store.embed_dir(out)} is up to date ({meta.get('n_neurons')} neurons, {settings.encoder})")
@@ -390,11 +395,12 @@ def embed_run(
                 "map_key": meta.get("map_key"), "skipped": True}
 
     t0 = time.perf_counter()
-    state = dissection_state(out)
-    epochs = [int(e) for e in state]
-    if not epochs:
-        raise EmbedError(f"{out}: no finished dissection epochs to embed (run `conceptmon dissect` first)")
-    dissect = store.read_dissect(out, epochs)
+    records = store.check_dissect_lineage(out)
+    inputs = store.dissect_inputs(records)
+    epochs = sorted(records)
+    dissect = store.read_dissect(out, epochs, check=False)
+    if "dead" in dissect.columns:  # dead units have no concept: they stay out of the space
+        dissect = dissect[~dissect["dead"].astype(bool)]
     keys, concepts, scores = top_k_arrays(dissect, settings.top_k)
     if len(keys) == 0:
         raise EmbedError(f"{out}: the dissection tables hold no neurons")
@@ -420,19 +426,8 @@ def embed_run(
     neurons = keys.assign(
         x=xy[:, 0].astype(np.float32), y=xy[:, 1].astype(np.float32), embedding=list(u)
     )
-    store.write_table(neurons_path(out), neurons, store.EMBED_NEURONS)
-    store.write_table(
-        anchors_path(out),
-        pd.DataFrame({
-            "concept": pd.Series(settings.anchors, dtype=object), "x": anchor_xy[:, 0], "y": anchor_xy[:, 1],
-            "embedding": pd.Series(list(anchor_vecs), dtype=object),
-        }),
-        store.ANCHORS,
-    )
-    store.write_table(distances_path(out), anchor_distance_table(keys, u, settings.anchors, anchor_vecs),
-                      store.NEURON_ANCHOR_DISTANCE)
-    meta = {
-        **_freshness(settings, encoder_fp, state),
+    record = {
+        **_freshness(settings, encoder_fp, inputs),
         "encoder": text_encoder.id,
         "map_key": key,
         "cache_dir": str(Path(cache_dir).resolve()),
@@ -442,7 +437,19 @@ def embed_run(
         "umap_params": UMAP_PARAMS,
         "conceptmon": __version__,
     }
-    store.write_json(meta_path(out), meta)  # written last: it marks the outputs complete
+    # All three tables become visible together, or not at all (a kill leaves the old ones).
+    with store.new_generation(out, store.EMBED, record) as gen:
+        gen.write_table(store.EMBED_FILES["neurons"], neurons, store.EMBED_NEURONS)
+        gen.write_table(
+            store.EMBED_FILES["anchors"],
+            pd.DataFrame({
+                "concept": pd.Series(settings.anchors, dtype=object), "x": anchor_xy[:, 0], "y": anchor_xy[:, 1],
+                "embedding": pd.Series(list(anchor_vecs), dtype=object),
+            }),
+            store.ANCHORS,
+        )
+        gen.write_table(store.EMBED_FILES["neuron_anchor_distance"],
+                        anchor_distance_table(keys, u, settings.anchors, anchor_vecs), store.NEURON_ANCHOR_DISTANCE)
     log(f"embed: {len(keys)} neurons x {len(epochs)} epochs -> {store.embed_dir(out)} "
         f"({settings.encoder}, T={settings.temperature:g}, {time.perf_counter() - t0:.1f} s)")
     return {**summary, "n_neurons": int(len(keys)), "epochs": epochs, "map_key": key, "skipped": False}
@@ -507,11 +514,18 @@ def anchor_distance_table(keys: pd.DataFrame, u: np.ndarray, anchors: list[str],
 # ----------------------------------------------------------------------------- readers
 
 
-def read_neurons(out: Path, *, with_embedding: bool = False, epochs: list[int] | None = None) -> pd.DataFrame:
+def embed_table_path(out: Path, name: str, *, require_fresh: bool = True) -> Path:
+    """The path of table ``name`` (see ``store.EMBED_FILES``) in the current, fresh embedding."""
+    gen = embed_generation(out, require_fresh=require_fresh)
+    if gen is None:
+        raise EmbedError(f"{store.embed_dir(out)}: no embedding yet (run `conceptmon embed --out {out}` first)")
+    return gen.path(store.EMBED_FILES[name])
+
+
+def read_neurons(out: Path, *, with_embedding: bool = False, epochs: list[int] | None = None,
+                 require_fresh: bool = True) -> pd.DataFrame:
     """neurons.parquet; without the (large) embedding column unless asked for."""
-    path = neurons_path(out)
-    if not path.exists():
-        raise EmbedError(f"{path}: missing (run `conceptmon embed --out {out}` first)")
+    path = embed_table_path(out, "neurons", require_fresh=require_fresh)
     columns = [c for c in store.EMBED_NEURONS.names if with_embedding or c != "embedding"]
     try:
         table = pq.read_table(path, columns=columns, filters=[("epoch", "in", epochs)] if epochs else None)
@@ -520,12 +534,13 @@ def read_neurons(out: Path, *, with_embedding: bool = False, epochs: list[int] |
     return table.to_pandas()
 
 
-def read_anchors(out: Path) -> pd.DataFrame:
-    return store.read_table(anchors_path(out), store.ANCHORS)
+def read_anchors(out: Path, *, require_fresh: bool = True) -> pd.DataFrame:
+    return store.read_table(embed_table_path(out, "anchors", require_fresh=require_fresh), store.ANCHORS)
 
 
-def read_anchor_distances(out: Path) -> pd.DataFrame:
-    return store.read_table(distances_path(out), store.NEURON_ANCHOR_DISTANCE)
+def read_anchor_distances(out: Path, *, require_fresh: bool = True) -> pd.DataFrame:
+    return store.read_table(embed_table_path(out, "neuron_anchor_distance", require_fresh=require_fresh),
+                            store.NEURON_ANCHOR_DISTANCE)
 
 
 def embedding_matrix(neurons: pd.DataFrame) -> np.ndarray:
@@ -536,8 +551,8 @@ def embedding_matrix(neurons: pd.DataFrame) -> np.ndarray:
 
 
 __all__ = [
-    "EmbedError", "EmbedSettings", "EncoderError", "anchor_distance_table", "cosine_distance", "embed_like_before",
-    "embed_run",
+    "EmbedError", "EmbedSettings", "EncoderError", "anchor_distance_table", "cosine_distance", "embed_generation",
+    "embed_like_before", "embed_run", "embed_table_path",
     "embedding_matrix", "encoder_text", "fit_pca_map", "fit_umap_map", "read_anchor_distances", "read_anchors",
     "read_embed_meta", "read_neurons", "same_map", "softmax_weights", "top_k_arrays", "weighted_rows",
 ]

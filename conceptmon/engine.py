@@ -390,11 +390,24 @@ class Dissector:
         self._loader = None
 
     def is_done(self, epoch: int, sha: str) -> bool:
+        """True when the epoch's record matches this config and checkpoint, and both of its
+        tables still have the bytes the record hashed (a truncated table is redone)."""
         record_path = store.epoch_record_path(self.out, epoch)
         if self.force or not record_path.exists():
             return False
-        record = store.read_json(record_path)
-        return record.get("config_fingerprint") == self.fingerprint and record.get("sha256") == sha
+        try:
+            record = store.read_json(record_path)
+        except store.StoreError:
+            return False  # a damaged record is simply redone
+        if record.get("config_fingerprint") != self.fingerprint or record.get("sha256") != sha:
+            return False
+        tables = record.get("tables") or {}
+        for name, path in (("dissect", store.dissect_path(self.out, epoch)),
+                           ("top_images", store.top_images_path(self.out, epoch))):
+            if not path.is_file() or store.sha256_file(path) != tables.get(name):
+                self.log(f"epoch {epoch}: {path} does not match its record; redoing the epoch")
+                return False
+        return True
 
     def _prepare(self) -> None:
         if self._loader is not None:
@@ -431,8 +444,10 @@ class Dissector:
         dissect_df, images_df = result_tables(results, self.detector, self.probe, run=self.run, epoch=epoch,
                                               top_k=self.cfg.top_k)
         # Tables first, record last: an epoch without its record is simply redone.
-        store.write_table(store.dissect_path(self.out, epoch), dissect_df, store.DISSECT)
-        store.write_table(store.top_images_path(self.out, epoch), images_df, store.TOP_IMAGES)
+        tables = {
+            "dissect": store.write_table(store.dissect_path(self.out, epoch), dissect_df, store.DISSECT),
+            "top_images": store.write_table(store.top_images_path(self.out, epoch), images_df, store.TOP_IMAGES),
+        }
         best = dissect_df[dissect_df["rank"] == 0]
         summary = {
             layer: {"interpretable": int(best[best.layer == layer].interpretable.sum()),
@@ -448,6 +463,7 @@ class Dissector:
                 "checkpoint": source,
                 "sha256": sha,
                 "config_fingerprint": self.fingerprint,
+                "tables": tables,
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 3),
                 "layers": summary,

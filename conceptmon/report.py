@@ -448,10 +448,13 @@ def report_run(
     out = Path(out)
     manifest = store.read_manifest(out)
     tables = stats.read_fresh_stats(out)
-    neurons_path = store.embed_dir(out) / "neurons.parquet"
     if tables is not None:
+        from .embedding import embed_generation
+
         log(f"report: using the up-to-date statistics in {store.stats_dir(out)}")
-        neurons = stats.read_neuron_embeddings(neurons_path, with_vectors=False)[0] if neurons_path.exists() else None
+        gen = embed_generation(out)
+        neurons = (stats.read_neuron_embeddings(gen.path(store.EMBED_FILES["neurons"]), with_vectors=False)[0]
+                   if gen is not None else None)
     else:
         inputs = stats.load_inputs(out, log=log)
         tables = stats.compute_stats(inputs["dissect"], categories=inputs["categories"], neurons=inputs["neurons"],
@@ -513,7 +516,7 @@ def report_run(
     title = f"conceptmon report: {manifest.get('run', out.name)}"
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     text = page.render(title, f"generated {generated} by conceptmon {__version__} from {out.resolve()}")
-    path = out / "report.html"
+    path = store.report_path(out)
     store.write_text(path, text)
     log(f"wrote {path} ({len(text) / 1e6:.1f} MB, {page.n_charts} charts)")
     return path
@@ -522,7 +525,7 @@ def report_run(
 def map_body(page: Page, out: Path, neurons: pd.DataFrame | None, movers: pd.DataFrame,
              epochs: list[int], log: Callable[[str], None]) -> str:
     if neurons is None or neurons.empty:
-        message = (f"No embedding yet ({store.embed_dir(out) / 'neurons.parquet'} is missing): run "
+        message = (f"No embedding yet ({store.embed_dir(out)} is missing): run "
                    f"`conceptmon embed --out {out}` (add --anchors WORD,... for anchor stars), then "
                    "`conceptmon report` again.")
         log(f"notice: report without the embedding map: {message}")
@@ -532,7 +535,10 @@ def map_body(page: Page, out: Path, neurons: pd.DataFrame | None, movers: pd.Dat
     except ImportError as e:
         log(f"notice: report without the embedding map: conceptmon.plots unavailable ({e})")
         return notice(f"The embedding map needs conceptmon.plots, which could not be imported ({e}).")
-    anchors = _read_optional(store.embed_dir(out) / "anchors.parquet", store.ANCHORS)
+    from .embedding import embed_generation
+
+    gen = embed_generation(out)
+    anchors = _read_optional(gen.path(store.EMBED_FILES["anchors"]), store.ANCHORS) if gen is not None else None
     if anchors is None:
         anchors = pd.DataFrame({n: pd.Series(dtype=object) for n in store.ANCHORS.names})
     embedded = sorted(int(e) for e in neurons["epoch"].unique())

@@ -524,21 +524,23 @@ def load_inputs(out: Path, layers: list[str] | None = None, log: Callable[[str],
         categories = list(dict.fromkeys(manifest.get("concepts", {}).get("categories", []) or []))
     except store.StoreError:
         manifest, categories = {}, []
-    neurons_path = store.embed_dir(out) / "neurons.parquet"
-    distance_path = store.embed_dir(out) / "neuron_anchor_distance.parquet"
+    from .embedding import embed_generation
+
+    gen = embed_generation(out)  # a stale embedding is refused, naming the command that refreshes it
     neurons = vectors = distances = None
-    if neurons_path.exists():
-        neurons, vectors = read_neuron_embeddings(neurons_path, layers)
-    else:
-        log(f"notice: {neurons_path} missing: diversity.mean_cosine_distance left empty; "
-            f"run `conceptmon embed --out {out}` to add it")
-    if distance_path.exists():
-        distances = store.read_table(distance_path, store.NEURON_ANCHOR_DISTANCE)
+    if gen is not None:
+        neurons, vectors = read_neuron_embeddings(gen.path(store.EMBED_FILES["neurons"]), layers)
+        distances = store.read_table(gen.path(store.EMBED_FILES["neuron_anchor_distance"]),
+                                     store.NEURON_ANCHOR_DISTANCE)
         if layers is not None:
             distances = distances[distances["layer"].isin(layers)]
+        if distances.empty:
+            distances = None
+            log(f"notice: no anchors in {store.embed_dir(out)}: anchor statistics omitted; "
+                f"run `conceptmon embed --out {out} --anchors WORD,...` to add them")
     else:
-        log(f"notice: {distance_path} missing: anchor statistics omitted; "
-            f"run `conceptmon embed --out {out} --anchors WORD,...` to add them")
+        log(f"notice: {store.embed_dir(out)} missing: diversity.mean_cosine_distance and anchor statistics "
+            f"left out; run `conceptmon embed --out {out}` to add them")
     return {"dissect": dissect, "categories": categories, "neurons": neurons, "vectors": vectors,
             "distances": distances, "manifest": manifest}
 
@@ -557,7 +559,7 @@ def input_state(out: Path) -> dict[str, list[int] | None]:
     paths = [out / store.MANIFEST]
     for epoch in store.finished_epochs(out):
         paths += [store.epoch_record_path(out, epoch), store.dissect_path(out, epoch)]
-    paths += [store.embed_dir(out) / name for name in ("neurons.parquet", "neuron_anchor_distance.parquet")]
+    paths += [store.embed_dir(out) / store.GENERATION_POINTER]
     state = {}
     for path in paths:
         try:

@@ -1,32 +1,43 @@
-"""Output layout, the one definition of every Parquet schema, and atomic writes.
+"""Output layout, the one definition of every Parquet schema and path, atomic writes, lineage.
 
 Everything conceptmon writes lives under one output folder::
 
-    OUT/conceptmon.json                      run manifest (config, versions, probe fingerprint)
-    OUT/dissect/epoch_NNNN.parquet           DISSECT schema, one row per (layer, neuron, rank)
-    OUT/dissect/top_images_epoch_NNNN.parquet  TOP_IMAGES schema
-    OUT/dissect/epoch_NNNN.json              record of a finished epoch (checkpoint hash, config hash)
-    OUT/embed/neurons.parquet                EMBED_NEURONS schema
-    OUT/embed/anchors.parquet                ANCHORS schema
-    OUT/embed/neuron_anchor_distance.parquet NEURON_ANCHOR_DISTANCE schema
-    OUT/stats/*.parquet                      statistics tables
-    OUT/plots/*.html                         interactive figures
-    OUT/report.html                          one self-contained report
-    OUT/cache/                               probe, CLIP and text-embedding caches
+    OUT/conceptmon.json                       run manifest (config, versions, probe fingerprint)
+    OUT/dissect/epoch_NNNN.parquet            DISSECT schema, one row per (layer, neuron, rank)
+    OUT/dissect/epoch_NNNN.json               record of a finished epoch: checkpoint hash, config
+                                              fingerprint, the SHA-256 of both of its tables
+    OUT/top_images/epoch_NNNN.parquet         TOP_IMAGES schema
+    OUT/embed/current.json                    points at the current embed generation, with its inputs
+    OUT/embed/<generation>/neurons.parquet    EMBED_NEURONS schema (and anchors, neuron_anchor_distance)
+    OUT/stats/current.json, OUT/stats/<generation>/<table>.parquet   statistics tables
+    OUT/plots/*.html                          interactive figures
+    OUT/report.html                           one self-contained report
+
+so that every ``OUT/<table>/*.parquet`` glob reads one table. Caches that depend only on
+the probe set (decoded masks, CLIP features, text vectors, fitted maps) live in the user
+cache (:func:`user_cache_dir`, ``~/.cache/conceptmon``), keyed by what they depend on, so
+every run on this machine shares them; ``cache_dir:`` in the config overrides it.
 
 Per-epoch record files (rather than one mutable manifest) let several shards write to
 one folder at once: the manifest's epoch list is the union of the records, read on demand.
+Commands that write several files (embed, stats) write a new *generation* folder and then
+switch one pointer file atomically (:func:`new_generation`), so a kill at any moment
+leaves the previous generation or the new one, never a mix.
 """
 from __future__ import annotations
 
 from .errors import ConceptmonError
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -164,6 +175,11 @@ class StoreError(ConceptmonError):
     """An output folder or table that is missing or not what conceptmon wrote."""
 
 
+class StaleError(StoreError):
+    """An input that no longer matches what a result recorded: names the file and the
+    command that refreshes it."""
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -179,28 +195,90 @@ def dissect_path(out: Path, epoch: int) -> Path:
     return dissect_dir(out) / f"{epoch_stem(epoch)}.parquet"
 
 
-def top_images_path(out: Path, epoch: int) -> Path:
-    return dissect_dir(out) / f"top_images_{epoch_stem(epoch)}.parquet"
-
-
 def epoch_record_path(out: Path, epoch: int) -> Path:
     return dissect_dir(out) / f"{epoch_stem(epoch)}.json"
 
 
+def top_images_dir(out: Path) -> Path:
+    return Path(out) / "top_images"
+
+
+def top_images_path(out: Path, epoch: int) -> Path:
+    return top_images_dir(out) / f"{epoch_stem(epoch)}.parquet"
+
+
+def legacy_top_images_path(out: Path, epoch: int) -> Path:
+    """Where conceptmon 0.1 wrote top images (beside the dissect tables); read for one release."""
+    return dissect_dir(out) / f"top_images_{epoch_stem(epoch)}.parquet"
+
+
+EMBED = "embed"
+STATS = "stats"
+EMBED_FILES = {"neurons": "neurons.parquet", "anchors": "anchors.parquet",
+               "neuron_anchor_distance": "neuron_anchor_distance.parquet"}
+"""Tables of one embed generation, by name."""
+
+
 def embed_dir(out: Path) -> Path:
-    return Path(out) / "embed"
+    return Path(out) / EMBED
 
 
 def stats_dir(out: Path) -> Path:
-    return Path(out) / "stats"
+    return Path(out) / STATS
 
 
 def plots_dir(out: Path) -> Path:
     return Path(out) / "plots"
 
 
+def plot_path(out: Path, name: str) -> Path:
+    """``OUT/plots/<name>`` (name includes the extension)."""
+    return plots_dir(out) / name
+
+
+def report_path(out: Path) -> Path:
+    return Path(out) / "report.html"
+
+
 def cache_dir(out: Path) -> Path:
+    """The cache conceptmon 0.1 kept per output folder (still honoured by ``cache_dir: OUT/cache``)."""
     return Path(out) / "cache"
+
+
+def user_cache_dir() -> Path:
+    """Caches shared by every run on this machine: $CONCEPTMON_CACHE, else
+    $XDG_CACHE_HOME/conceptmon, else ~/.cache/conceptmon."""
+    explicit = os.environ.get("CONCEPTMON_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "conceptmon"
+
+
+def resolve_cache_dir(configured: str | Path | None) -> Path:
+    """The config's ``cache_dir`` when set, else :func:`user_cache_dir`."""
+    return Path(configured).expanduser() if configured else user_cache_dir()
+
+
+def mask_cache_dir(cache: Path, probe_fingerprint: str) -> Path:
+    return Path(cache) / "masks" / probe_fingerprint
+
+
+def clip_cache_dir(cache: Path) -> Path:
+    return Path(cache) / "clip"
+
+
+def text_cache_dir(cache: Path) -> Path:
+    return Path(cache) / "text"
+
+
+def map_cache_dir(cache: Path) -> Path:
+    return Path(cache) / "maps"
+
+
+def file_stat_cache_path(cache: Path) -> Path:
+    """(path, size, mtime) -> content hash of probe files, so repeat runs do not rehash."""
+    return Path(cache) / "file_hashes.json"
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -265,10 +343,22 @@ def to_arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pandas(df[names], schema=schema, preserve_index=False)
 
 
-def write_table(path: Path, df: pd.DataFrame, schema: pa.Schema) -> None:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes: the identity every lineage record uses."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_table(path: Path, df: pd.DataFrame, schema: pa.Schema) -> str:
+    """Write ``df`` atomically as Parquet; returns the SHA-256 of the file written."""
     table = to_arrow(df, schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+        digest = sha256_file(tmp)
+    return digest
 
 
 def read_table(path: Path, schema: pa.Schema | None = None) -> pd.DataFrame:
@@ -285,6 +375,92 @@ def read_table(path: Path, schema: pa.Schema | None = None) -> pd.DataFrame:
             raise StoreError(f"{path}: missing columns {missing}")
         table = table.select(schema.names).cast(schema)
     return table.to_pandas()
+
+
+# ----------------------------------------------------------------------------- generations
+
+
+GENERATION_POINTER = "current.json"
+
+
+@dataclass
+class Generation:
+    """One complete set of a command's output files, plus the record of what it was made from.
+
+    ``record`` is what the pointer file holds: ``generation`` (the folder name), ``files``
+    ({file name: SHA-256}) and whatever the writer adds (settings, input hashes).
+    """
+
+    group: str
+    folder: Path
+    record: dict = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def write_table(self, name: str, df: pd.DataFrame, schema: pa.Schema) -> str:
+        digest = write_table(self.path(name), df, schema)
+        self.record.setdefault("files", {})[name] = digest
+        return digest
+
+    def stale_files(self) -> list[str]:
+        """Files of this generation that are missing or whose bytes changed since written."""
+        bad = []
+        for name, digest in (self.record.get("files") or {}).items():
+            p = self.path(name)
+            if not p.is_file() or sha256_file(p) != digest:
+                bad.append(name)
+        return bad
+
+
+def read_generation(out: Path, group: str) -> Generation | None:
+    """The current generation of ``OUT/<group>``, or None when there is none yet."""
+    pointer = Path(out) / group / GENERATION_POINTER
+    if not pointer.exists():
+        return None
+    record = read_json(pointer)
+    name = record.get("generation") if isinstance(record, dict) else None
+    folder = Path(out) / group / str(name)
+    if not name or not folder.is_dir():
+        raise StoreError(f"{pointer}: points at a missing generation {name!r}; re-run `conceptmon {group}`")
+    return Generation(group, folder, record)
+
+
+@contextmanager
+def new_generation(out: Path, group: str, record: dict | None = None) -> Iterator[Generation]:
+    """Write a new generation of ``OUT/<group>``; it becomes current only if the block succeeds.
+
+    The files go to a fresh folder; on success the pointer file is replaced atomically
+    (after everything is on disk), then folders of older or abandoned generations are
+    removed. A failure or a kill at any point leaves the previous generation current.
+    """
+    root = Path(out) / group
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{root}: cannot create folder ({e.strerror or e})") from None
+    name = f"g{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}"
+    gen = Generation(group, root / name, {"generation": name, "files": {}, **(record or {})})
+    gen.record["generation"] = name
+    try:
+        gen.folder.mkdir()
+    except OSError as e:
+        raise StoreError(f"{gen.folder}: cannot create folder ({e.strerror or e})") from None
+    try:
+        yield gen
+        write_json(root / GENERATION_POINTER, gen.record)
+    except BaseException:
+        shutil.rmtree(gen.folder, ignore_errors=True)
+        raise
+    for old in root.iterdir():  # older generations, and ones a killed writer left behind
+        if old.is_dir() and old.name.startswith("g") and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def legacy_outputs(out: Path, group: str) -> bool:
+    """True when ``OUT/<group>`` holds conceptmon 0.1 outputs (files without a generation pointer)."""
+    root = Path(out) / group
+    return root.is_dir() and not (root / GENERATION_POINTER).exists() and any(root.glob("*.parquet"))
 
 
 # ----------------------------------------------------------------------------- readers
@@ -308,8 +484,7 @@ def read_epoch_records(out: Path) -> dict[int, dict]:
     return {e: read_json(epoch_record_path(out, e)) for e in finished_epochs(out)}
 
 
-def read_dissect(out: Path, epochs: list[int] | None = None) -> pd.DataFrame:
-    """All finished epochs' dissection rows as one DataFrame (DISSECT columns)."""
+def _select_epochs(out: Path, epochs: list[int] | None) -> list[int]:
     done = finished_epochs(out)
     if not done:
         raise StoreError(
@@ -320,15 +495,71 @@ def read_dissect(out: Path, epochs: list[int] | None = None) -> pd.DataFrame:
         if unknown:
             raise StoreError(f"{out}: epochs {unknown} not dissected; available: {done}")
         done = [e for e in done if e in set(epochs)]
+    return done
+
+
+def check_dissect_lineage(out: Path, epochs: list[int] | None = None) -> dict[int, dict]:
+    """The records of the chosen epochs, after checking that they belong together.
+
+    Refuses (one line naming the file and the command that fixes it) epochs made with
+    different configs, tables whose bytes no longer match their record, and records
+    from conceptmon 0.1 (no table hashes).
+    """
+    out = Path(out)
+    chosen = _select_epochs(out, epochs)
+    records = {e: read_json(epoch_record_path(out, e)) for e in chosen}
+    by_fp: dict[str, list[int]] = {}
+    for e, r in records.items():
+        by_fp.setdefault(str(r.get("config_fingerprint")), []).append(e)
+    if len(by_fp) > 1:
+        groups = sorted(by_fp.values(), key=len, reverse=True)
+        raise StaleError(
+            f"{out}: epochs {groups[1]} were made with another config than epochs {groups[0]}; "
+            f"redo them all with `conceptmon dissect --force`, or dissect into another --out"
+        )
+    for e, r in records.items():
+        tables = r.get("tables")
+        if not isinstance(tables, dict):
+            raise StaleError(f"{epoch_record_path(out, e)}: written by conceptmon 0.1 (no table hashes); "
+                             f"re-run `conceptmon dissect --force`")
+        path = dissect_path(out, e)
+        if not path.is_file() or sha256_file(path) != tables.get("dissect"):
+            raise StaleError(f"{path}: does not match its record (changed or truncated); "
+                             f"re-run `conceptmon dissect` to redo epoch {e}")
+    return records
+
+
+def dissect_inputs(records: dict[int, dict]) -> dict[str, str]:
+    """{epoch: SHA-256 of its dissect table}: what results built on the tables record."""
+    return {str(e): str((r.get("tables") or {}).get("dissect")) for e, r in sorted(records.items())}
+
+
+def read_dissect(out: Path, epochs: list[int] | None = None, *, check: bool = True) -> pd.DataFrame:
+    """All finished epochs' dissection rows as one DataFrame (DISSECT columns).
+
+    With ``check`` (the default) the epochs' lineage is verified first
+    (:func:`check_dissect_lineage`): results are never mixed across configs or read from
+    a table that changed after its record was written.
+    """
+    done = list(check_dissect_lineage(out, epochs)) if check else _select_epochs(out, epochs)
     frames = [read_table(dissect_path(out, e), DISSECT) for e in done]
     return pd.concat(frames, ignore_index=True)
 
 
-def read_top_images(out: Path, epochs: list[int] | None = None) -> pd.DataFrame:
+def read_top_images(out: Path, epochs: list[int] | None = None,
+                    log: Callable[[str], None] = lambda m: None) -> pd.DataFrame:
+    """Top images of the finished epochs; 0.1's location is read too, with a notice."""
     done = finished_epochs(out)
     if epochs is not None:
         done = [e for e in done if e in set(epochs)]
-    frames = [read_table(top_images_path(out, e), TOP_IMAGES) for e in done]
+    frames = []
+    for e in done:
+        path = top_images_path(out, e)
+        if not path.exists() and legacy_top_images_path(out, e).exists():
+            path = legacy_top_images_path(out, e)
+            log(f"notice: reading {path} (conceptmon 0.1 layout); re-run `conceptmon dissect --force` "
+                f"to move top images to {top_images_dir(out)}")
+        frames.append(read_table(path, TOP_IMAGES))
     if not frames:
         return pd.DataFrame({n: pd.Series(dtype=object) for n in TOP_IMAGES.names})
     return pd.concat(frames, ignore_index=True)

@@ -146,10 +146,15 @@ def make_run(
                 "image": images[top.reshape(-1)],
                 "activation": np.tile(np.linspace(5.0, 1.0, n_top, dtype=np.float32), n_neurons),
             }))
-        store.write_table(store.dissect_path(out, epoch), pd.concat(dissect_parts, ignore_index=True), store.DISSECT)
-        store.write_table(store.top_images_path(out, epoch), pd.concat(image_parts, ignore_index=True), store.TOP_IMAGES)
+        tables = {
+            "dissect": store.write_table(store.dissect_path(out, epoch), pd.concat(dissect_parts, ignore_index=True),
+                                         store.DISSECT),
+            "top_images": store.write_table(store.top_images_path(out, epoch),
+                                            pd.concat(image_parts, ignore_index=True), store.TOP_IMAGES),
+        }
         store.write_json(store.epoch_record_path(out, epoch),
-                         {"epoch": int(epoch), "checkpoint": f"epoch_{epoch}.pt", "sha256": f"{seed}-{epoch}"})
+                         {"epoch": int(epoch), "checkpoint": f"epoch_{epoch}.pt", "sha256": f"{seed}-{epoch}",
+                          "config_fingerprint": "test", "tables": tables})
     return out
 
 
@@ -168,9 +173,10 @@ def set_neuron(out: Path, epoch: int, layer: str, neuron: int, concepts: list[st
         "score_low": np.asarray(scores, dtype=np.float32), "score_high": np.asarray(scores, dtype=np.float32),
         "detector": template["detector"],
     })
-    store.write_table(path, pd.concat([df, rows], ignore_index=True), store.DISSECT)
+    digest = store.write_table(path, pd.concat([df, rows], ignore_index=True), store.DISSECT)
     record = store.read_json(store.epoch_record_path(out, epoch))  # as a re-dissection would
     record["edits"] = record.get("edits", 0) + 1
+    record["tables"]["dissect"] = digest
     store.write_json(store.epoch_record_path(out, epoch), record)
 
 
@@ -209,3 +215,34 @@ def values(v) -> np.ndarray:
             shape = [int(d) for d in shape.split(",")]
         return arr.reshape(shape) if shape else arr
     return np.asarray(v)
+
+
+def write_epoch(out: Path, epoch: int, dissect: pd.DataFrame, top_images: pd.DataFrame | None = None,
+                **record) -> dict:
+    """Write one epoch's tables and its record as the engine does (table hashes included)."""
+    if top_images is None:
+        top_images = pd.DataFrame({n: [] for n in store.TOP_IMAGES.names})
+    tables = {
+        "dissect": store.write_table(store.dissect_path(out, epoch), dissect, store.DISSECT),
+        "top_images": store.write_table(store.top_images_path(out, epoch), top_images, store.TOP_IMAGES),
+    }
+    full = {"epoch": int(epoch), "checkpoint": f"epoch_{epoch}.pt", "sha256": f"{epoch:064x}",
+            "config_fingerprint": "test", **record, "tables": tables}
+    store.write_json(store.epoch_record_path(out, epoch), full)
+    return full
+
+
+def write_embedding(out: Path, neurons: pd.DataFrame, distances: pd.DataFrame | None = None,
+                    anchors: pd.DataFrame | None = None, **record) -> store.Generation:
+    """Write an embed generation by hand, recorded as made from the epoch tables now in ``out``."""
+    if distances is None:
+        distances = pd.DataFrame({n: [] for n in store.NEURON_ANCHOR_DISTANCE.names})
+    if anchors is None:
+        anchors = pd.DataFrame({n: pd.Series(dtype=object) for n in store.ANCHORS.names})
+    inputs = store.dissect_inputs(store.check_dissect_lineage(out))
+    full = {"encoder": "minilm", "settings": {}, "inputs": {"dissect": inputs}, **record}
+    with store.new_generation(out, store.EMBED, full) as gen:
+        gen.write_table(store.EMBED_FILES["neurons"], neurons, store.EMBED_NEURONS)
+        gen.write_table(store.EMBED_FILES["neuron_anchor_distance"], distances, store.NEURON_ANCHOR_DISTANCE)
+        gen.write_table(store.EMBED_FILES["anchors"], anchors, store.ANCHORS)
+    return gen

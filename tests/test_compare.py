@@ -98,7 +98,8 @@ def test_refuses_different_detector_settings_and_reads_embed_record(tmp_path):
     # the encoder the embedding actually used (its record) wins over the config's
     manifest["detector"]["threshold"] = 0.04
     store.write_json(b / store.MANIFEST, manifest)
-    store.write_json(store.embed_dir(b) / "embed.json", {"encoder": "clip:other"})
+    gen = store.read_generation(b, store.EMBED)
+    store.write_json(store.embed_dir(b) / store.GENERATION_POINTER, {**gen.record, "encoder": "clip:other"})
     with pytest.raises(compare.CompareError, match="'minilm' in standard but 'clip:other' in robust"):
         compare.compare_runs(a, b, labels=LABELS, log=lambda m: None)
 

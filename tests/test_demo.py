@@ -43,7 +43,7 @@ def test_demo_writes_every_stage(tiny_run):
     assert result.report == out / "report.html" and result.report.stat().st_size > 10_000
     assert [f.epoch for f in find_checkpoints(out / "checkpoints")] == [0, 1, 2]
     assert store.finished_epochs(out) == [0, 1, 2]
-    assert (store.embed_dir(out) / "neurons.parquet").exists()
+    assert store.read_generation(out, store.EMBED).path(store.EMBED_FILES["neurons"]).exists()
     assert (store.stats_dir(out) / "diversity.parquet").exists()
     cfg = load_config(out / "conceptmon.yaml")  # the folder is an ordinary run: other commands work on it
     assert cfg.out == str(out.resolve()) and cfg.layers == ["layer2", "layer3", "layer4"]

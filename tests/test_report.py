@@ -15,6 +15,7 @@ from PIL import Image
 from conceptmon import report, stats, store
 from conceptmon.cli import main
 
+from .fixtures_runs import write_embedding, write_epoch
 from .test_stats import TOP1, make_out
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
@@ -189,14 +190,12 @@ def big_run(tmp_path, n_epochs=30, layers=("layer2", "layer3", "layer4"), n_neur
             "confidence": np.float32(1.0), "score_low": scores.reshape(-1), "score_high": scores.reshape(-1),
             "detector": "netdissect",
         })
-        store.write_table(store.dissect_path(out, epoch), rows, store.DISSECT)
         images = pd.DataFrame({
             "epoch": epoch, "layer": np.repeat(layer_col, 10), "neuron": np.repeat(neuron_col, 10),
             "rank": np.tile(np.arange(10), n_units), "image": [f"imgs/{i % 50}.png" for i in range(n_units * 10)],
             "activation": rng.random(n_units * 10).astype(np.float32),
         })
-        store.write_table(store.top_images_path(out, epoch), images, store.TOP_IMAGES)
-        store.write_json(store.epoch_record_path(out, epoch), {"epoch": epoch, "checkpoint": f"e{epoch}.pt"})
+        write_epoch(out, epoch, rows, images, checkpoint=f"e{epoch}.pt")
         vectors = vocab[base[:, 0]]
         neuron_frames.append(pd.DataFrame({
             "epoch": epoch, "layer": layer_col, "neuron": neuron_col,
@@ -209,12 +208,9 @@ def big_run(tmp_path, n_epochs=30, layers=("layer2", "layer3", "layer4"), n_neur
                 "epoch": epoch, "layer": layer_col, "neuron": neuron_col, "anchor": anchor,
                 "distance": rng.random(n_units).astype(np.float32),
             }))
-    store.write_table(store.embed_dir(out) / "neurons.parquet", pd.concat(neuron_frames), store.EMBED_NEURONS)
-    store.write_table(store.embed_dir(out) / "neuron_anchor_distance.parquet", pd.concat(distance_frames),
-                      store.NEURON_ANCHOR_DISTANCE)
-    store.write_table(store.embed_dir(out) / "anchors.parquet", pd.DataFrame({
+    write_embedding(out, pd.concat(neuron_frames), pd.concat(distance_frames), pd.DataFrame({
         "concept": list(anchors), "x": np.float32(0.5), "y": np.float32(0.5),
-        "embedding": [rng.normal(size=dim).astype(np.float32) for _ in anchors]}), store.ANCHORS)
+        "embedding": [rng.normal(size=dim).astype(np.float32) for _ in anchors]}))
     store.write_json(out / store.MANIFEST, {
         "run": "big", "config": {"embedding": {"encoder": "minilm"}}, "detector": {"name": "netdissect", "threshold": 0.04},
         "concepts": {"names": list(concepts), "categories": list(concept_category), "fingerprint": "x", "source": "big"},

@@ -39,6 +39,7 @@ def workspace(tmp_path_factory):
         "detector": {"quantile": 0.02},
         "checkpoints": str(ckpts),
         "batch_size": 16,
+        "run": "resilience",  # one run name, so shards and the reference write identical bytes
     }))
     reference = base / "reference"
     cli(config, reference).check_returncode()
@@ -57,13 +58,14 @@ def cli(config, out, *extra, env=None, wait=True):
 def output_files(out: Path) -> dict[str, object]:
     """Every result file by name: tables as DataFrames, records without their timings."""
     files = {}
-    for p in sorted((out / "dissect").iterdir()):
+    for p in sorted([*(out / "dissect").iterdir(), *(out / "top_images").glob("*")]):
         if p.name.startswith(".tmp-"):
             continue
         if p.suffix == ".parquet":
-            files[p.name] = pd.read_parquet(p)
+            files[f"{p.parent.name}/{p.name}"] = pd.read_parquet(p)
         elif p.suffix == ".json":
-            files[p.name] = {k: v for k, v in json.loads(p.read_text()).items() if k not in TIME_FIELDS}
+            files[f"{p.parent.name}/{p.name}"] = {k: v for k, v in json.loads(p.read_text()).items()
+                                                  if k not in TIME_FIELDS}
     return files
 
 

@@ -26,6 +26,8 @@ from click.testing import CliRunner
 from conceptmon import stats, store
 from conceptmon.cli import main
 
+from .fixtures_runs import write_embedding, write_epoch
+
 THRESHOLD = 0.04
 CATEGORY = {"red": "color", "striped": "texture", "car": "object", "windmill": "object", "sky": "scene", "grass": "material"}
 CATEGORIES = ["color", "texture", "material", "object", "part", "scene"]
@@ -100,11 +102,8 @@ def make_out(tmp_path, name="run", top1=TOP1, detector="netdissect", embed=True,
     table = dissect_rows(top1, run=name, detector=detector)
     for epoch in sorted(pd.unique(table["epoch"])):
         epoch = int(epoch)
-        store.write_table(store.dissect_path(out, epoch), table[table["epoch"] == epoch], store.DISSECT)
-        images = top_images(epoch) if top_images else pd.DataFrame({n: [] for n in store.TOP_IMAGES.names})
-        store.write_table(store.top_images_path(out, epoch), images, store.TOP_IMAGES)
-        store.write_json(store.epoch_record_path(out, epoch),
-                         {"epoch": epoch, "checkpoint": f"/ckpts/{name}/epoch_{epoch}.pt", "sha256": f"{epoch:064x}"})
+        images = top_images(epoch) if top_images else None
+        write_epoch(out, epoch, table[table["epoch"] == epoch], images, checkpoint=f"/ckpts/{name}/epoch_{epoch}.pt")
     names = sorted(CATEGORY)
     store.write_json(
         out / store.MANIFEST,
@@ -121,10 +120,15 @@ def make_out(tmp_path, name="run", top1=TOP1, detector="netdissect", embed=True,
         },
     )
     if embed:
-        store.write_table(store.embed_dir(out) / "neurons.parquet", neuron_rows(), store.EMBED_NEURONS)
-        store.write_table(store.embed_dir(out) / "neuron_anchor_distance.parquet", distance_rows(),
-                          store.NEURON_ANCHOR_DISTANCE)
+        write_embedding(out, neuron_rows(), distance_rows(), encoder=encoder)
     return out
+
+
+def drop_embedding(out):
+    """As if the run had never been embedded."""
+    import shutil
+
+    shutil.rmtree(store.embed_dir(out))
 
 
 def lookup(table: pd.DataFrame, **keys) -> pd.Series:
@@ -340,14 +344,13 @@ def test_stats_run_writes_every_table(tmp_path):
 def test_stats_run_without_embedding_omits_anchor_tables_with_a_notice(tmp_path):
     out = make_out(tmp_path)
     stats.stats_run(out, log=lambda m: None)
-    for name in ("neurons", "neuron_anchor_distance"):
-        (store.embed_dir(out) / f"{name}.parquet").unlink()
+    drop_embedding(out)
     notices = []
     tables = stats.stats_run(out, log=notices.append)
     assert "anchor_neighbors" not in tables and "anchor_distance" not in tables
     assert not (store.stats_dir(out) / "anchor_neighbors.parquet").exists()  # stale file removed
     assert tables["diversity"].mean_cosine_distance.isna().all()
-    assert sum("conceptmon embed" in n for n in notices) == 2
+    assert sum("conceptmon embed" in n for n in notices) == 1
 
 
 def test_stats_run_layers_filter_and_unknown_layer(tmp_path):
@@ -361,15 +364,15 @@ def test_stats_run_layers_filter_and_unknown_layer(tmp_path):
 
 def test_cli_stats_json_is_pure_json_on_stdout(tmp_path):
     out = make_out(tmp_path)
-    (store.embed_dir(out) / "neurons.parquet").unlink()  # a notice must not pollute stdout
+    drop_embedding(out)  # a notice must not pollute stdout
     result = CliRunner().invoke(main, ["stats", "--out", str(out), "--format", "json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = {(r["epoch"], r["layer"]): r["n_interpretable"] for r in data["tables"]["interpretable"]}
     assert rows[(5, "conv")] == 4
     assert data["tables"]["diversity"][0]["mean_cosine_distance"] is None
-    assert any("neurons.parquet" in n for n in data["notices"])
-    assert "neurons.parquet" in result.stderr
+    assert any("conceptmon embed" in n for n in data["notices"])
+    assert "conceptmon embed" in result.stderr
 
 
 def test_cli_stats_csv_and_table(tmp_path):
@@ -413,5 +416,5 @@ def test_fresh_stats_are_reused_only_while_inputs_and_options_match(tmp_path):
     assert stats.read_fresh_stats(out) is None
     stats.stats_run(out, log=lambda m: None)
     assert stats.read_fresh_stats(out) is not None
-    (store.embed_dir(out) / "neurons.parquet").unlink()
+    drop_embedding(out)
     assert stats.read_fresh_stats(out) is None
