@@ -1,35 +1,30 @@
-"""The ``concepts:`` config value turned into a ConceptSet (the words CLIP-Dissect can assign).
+"""The ``concepts:`` config value turned into a ConceptSet (the words a detector can assign).
 
-``broden``             Broden's label.csv (suffixes dropped, duplicates merged) from the probe
-                       folder, or ``broden:/path/to/broden1_224`` for another folder
-``cifar100``           CIFAR-100's 100 class names
-``synthetic``          the synthetic probe set's vocabulary
+``<probe name>[:argument]``  the named concept set a registered probe offers, e.g.
+                       ``broden`` (label.csv of the probe folder, or ``broden:/path``),
+                       ``cifar100`` (the 100 class names), ``synthetic`` (its vocabulary)
 ``path/to/words.txt``  one concept per line, optional ``word<TAB>category``
 null                   the probe set's own label names, when it has any
 
 A relative words-file path is looked up from the working directory, then beside the config.
 Every set comes back merged (one entry per word): CLIP sees words, not categories.
+Detectors whose concepts are the probe's own mask labels (Network Dissection) ignore
+``concepts:`` with a notice.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .concepts import ConceptError, ConceptSet, read_words_file
 from .probes.base import ProbeSet
 
-NAMED_SETS = ("broden", "cifar100", "synthetic")
-_CHOICES = "broden, broden:/path/to/broden, cifar100, synthetic or path/to/words.txt"
 
+def _choices() -> str:
+    from .probes import PROBES
 
-def _broden_root(probe: ProbeSet | None) -> Path:
-    root = getattr(probe, "root", None)
-    if root is not None and (Path(root) / "label.csv").is_file():
-        return Path(root)
-    name = getattr(probe, "name", None)
-    raise ConceptError(
-        f"concepts: broden reads label.csv from the probe folder, but probe {name!r} has none; "
-        f"write concepts: broden:/path/to/broden1_224"
-    )
+    named = [n for n in PROBES.names() if PROBES.get(n).vocabulary is not None]
+    return f"{', '.join(named)} (a probe's named set, some with :argument) or path/to/words.txt"
 
 
 def probe_label_concepts(probe: ProbeSet | None) -> ConceptSet | None:
@@ -46,28 +41,34 @@ def probe_label_concepts(probe: ProbeSet | None) -> ConceptSet | None:
 
 def load_concepts(spec: str | None, probe: ProbeSet | None, *, base: str | Path | None = None) -> ConceptSet:
     """Resolve ``concepts:`` (see the module doc); ``base`` is the config file's folder."""
+    from .probes import PROBES
+
     if spec is None or not str(spec).strip():
         own = probe_label_concepts(probe)
         if own is None:
             name = getattr(probe, "name", None)
-            raise ConceptError(f"concepts: not set and probe {name!r} has no label names; set concepts: to {_CHOICES}")
+            raise ConceptError(f"concepts: not set and probe {name!r} has no label names; set concepts: to {_choices()}")
         return own
     spec = str(spec).strip()
-    if spec == "broden" or spec.startswith("broden:"):
-        from .probes.broden import read_broden_concepts
-
-        given = spec[len("broden:") :].strip()
-        return read_broden_concepts(Path(given).expanduser() if given else _broden_root(probe)).merged()
-    if spec == "cifar100":
-        from .probes.cifar import cifar100_concepts
-
-        own = getattr(probe, "label_concepts", None) if getattr(probe, "name", "") == "cifar100" else None
-        return (own if isinstance(own, ConceptSet) else cifar100_concepts()).merged()
-    if spec == "synthetic":
-        from .probes.synthetic import synthetic_concepts
-
-        return synthetic_concepts().merged()
+    name, sep, argument = spec.partition(":")
+    if name in PROBES and not Path(spec).expanduser().is_file():
+        vocabulary = PROBES.get(name).vocabulary
+        if vocabulary is not None:
+            return vocabulary(argument.strip() if sep else None, probe).merged()
     return read_words_file(_words_path(spec, base)).merged()
+
+
+def concepts_for(detector_cls, spec: str | None, probe: ProbeSet, *, base: str | Path | None = None,
+                 log: Callable[[str], None] = lambda m: None) -> ConceptSet:
+    """The concept set a detector of class ``detector_cls`` labels with."""
+    if getattr(detector_cls, "uses_probe_labels", False):
+        if spec:
+            log(f"notice: concepts: {spec!r} is ignored by {detector_cls.name}, which labels with the probe's "
+                f"own mask labels")
+        if probe.concepts is None:
+            raise ConceptError(f"probe {probe.name!r}: has no label names for {detector_cls.name}")
+        return probe.concepts
+    return load_concepts(spec, probe, base=base)
 
 
 def _words_path(spec: str, base: str | Path | None) -> Path:
@@ -78,5 +79,5 @@ def _words_path(spec: str, base: str | Path | None) -> Path:
         candidate = Path(base) / path
     if not candidate.is_file():
         where = f" (also looked in {base})" if base is not None and not path.is_absolute() else ""
-        raise ConceptError(f"concepts: {spec!r} is not {_CHOICES}: no such file{where}")
+        raise ConceptError(f"concepts: {spec!r} is not {_choices()}: no such file{where}")
     return candidate

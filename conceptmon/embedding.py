@@ -48,10 +48,10 @@ from . import __version__, store
 from .config import EmbeddingConfig
 from .encoders import EncoderError, create_encoder, encode_cached
 from .errors import ConceptmonError
+from .registry import Registry
 
 MAP_FITS = ("vocabulary", "neurons")
 PLACEMENTS = ("mean", "transform")
-MAP_METHODS = ("umap", "pca")
 UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1, "metric": "cosine"}
 MIN_UMAP_POINTS = 5
 """Below this many points UMAP's spectral layout is meaningless; PCA places them instead."""
@@ -191,7 +191,13 @@ def fit_umap_map(vectors: np.ndarray, seed: int = 0) -> FittedMap:
     return FittedMap(positions, transform)
 
 
-MAP_FITTERS: dict[str, Callable[[np.ndarray, int], FittedMap]] = {"umap": fit_umap_map, "pca": fit_pca_map}
+MAP_METHODS: Registry[Callable[[np.ndarray, int], FittedMap]] = Registry(
+    "map method", group="conceptmon.map_methods", field="embedding.map_method",
+)
+"""2-D projections ``fit(vectors, seed) -> FittedMap`` by name (entry-point group
+``conceptmon.map_methods`` for others)."""
+MAP_METHODS.register("umap")(fit_umap_map)
+MAP_METHODS.register("pca")(fit_pca_map)
 
 
 def map_key(encoder_fingerprint: str, terms: list[str], vectors: np.ndarray | None, method: str, seed: int) -> str:
@@ -227,7 +233,7 @@ def cached_map(
                 return FittedMap(df[["x", "y"]].to_numpy(np.float32), _no_transform)
     what = "first fit in a process compiles numba, ~15-60 s" if method == "umap" else "instant"
     log(f"embed: fitting {method} map on {len(terms)} points ({what})")
-    fitted = MAP_FITTERS[method](vectors, seed)
+    fitted = MAP_METHODS.get(method)(vectors, seed)
     pos = fitted.positions
     store.write_table(path, pd.DataFrame({"term": list(terms), "x": pos[:, 0], "y": pos[:, 1]}), store.MAP_POSITIONS)
     return fitted
@@ -252,7 +258,7 @@ class EmbedSettings(EmbeddingConfig):
         for name, value, choices in (
             ("map_fit", self.map_fit, MAP_FITS),
             ("placement", self.placement, PLACEMENTS),
-            ("map_method", self.map_method, MAP_METHODS),
+            ("map_method", self.map_method, MAP_METHODS.names()),
         ):
             if value not in choices:
                 raise EmbedError(f"embedding.{name}: expected one of {', '.join(choices)}, got {value!r}")

@@ -16,7 +16,6 @@ and the device (``auto`` = CUDA when present) is resolved only when a model load
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 from abc import ABC, abstractmethod
@@ -28,6 +27,7 @@ import pandas as pd
 
 from . import store
 from .errors import ConceptmonError
+from .registry import Registry, RegistryError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ class TextEncoder(ABC):
     def device(self) -> "torch.device":
         """The torch device, resolved on first use (``auto`` picks CUDA, then MPS, then CPU)."""
         if self._device is None:
-            from .models import resolve_device
+            from .devices import resolve_device
 
             self._device = resolve_device(self.device_name)
         return self._device
@@ -83,16 +83,25 @@ class TextEncoder(ABC):
         return vecs / np.maximum(norms, 1e-12)
 
 
-_REGISTRY: dict[str, type[TextEncoder]] = {}
+def _check_encoder(name: str, obj) -> None:
+    if not (isinstance(obj, type) and issubclass(obj, TextEncoder)):
+        raise RegistryError(f"embedding.encoder: {name} is not a conceptmon.encoders.TextEncoder subclass")
+
+
+ENCODERS: Registry[type[TextEncoder]] = Registry(
+    "text encoder", group="conceptmon.encoders", field="embedding.encoder", check=_check_encoder,
+    allow_specs=False,  # "kind:argument" is the spec syntax here; plugins come through entry points
+)
+"""Text encoders by kind; a spec ``kind:argument`` passes ``argument`` (e.g. a model) to the kind."""
 
 
 def register_encoder(cls: type[TextEncoder]) -> type[TextEncoder]:
-    _REGISTRY[cls.kind] = cls
-    return cls
+    """Class decorator: registers ``cls`` under ``cls.kind``."""
+    return ENCODERS.register(cls.kind)(cls)
 
 
 def list_encoders() -> list[str]:
-    return sorted(_REGISTRY)
+    return ENCODERS.names()
 
 
 def parse_encoder_spec(spec: str) -> tuple[str, str | None]:
@@ -103,13 +112,13 @@ def parse_encoder_spec(spec: str) -> tuple[str, str | None]:
 
 def create_encoder(spec: str, device: "torch.device | str" = "auto") -> TextEncoder:
     kind, argument = parse_encoder_spec(spec)
-    if kind not in _REGISTRY:
-        close = difflib.get_close_matches(kind, list(_REGISTRY), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    if kind not in ENCODERS:
+        others = [n for n in ENCODERS.names() if n not in ("minilm", "clip")]
         raise EncoderError(
-            f"embedding.encoder: unknown encoder {spec!r}{hint}; choices: minilm, clip:<hf name or folder>"
+            f"embedding.encoder: unknown encoder {spec!r}{did_you_mean(kind, ENCODERS.names())}; choices: minilm, "
+            f"clip:<hf name or folder>{''.join(', ' + n for n in others)}"
         )
-    return _REGISTRY[kind](argument, device)
+    return ENCODERS.get(kind)(argument, device)
 
 
 # ----------------------------------------------------------------------------- built-in encoders

@@ -5,6 +5,8 @@ neurons of one in-memory model and is what the training-loop API builds on.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import platform
@@ -21,11 +23,13 @@ from PIL import Image
 
 from . import __version__, store
 from .checkpoints import CheckpointError, CheckpointFile, apply_state_dict, file_sha256, find_checkpoints, load_state_dict
-from .config import Config, ConfigError, resolve_out, run_name
+from .config import Config, ConfigError, LayerSpec, resolve_out, run_name
 from .detectors import Detector, LayerScores, RunContext, TrustSettings, create_detector, rank_concepts
+from .devices import available_bytes, resolve_device
 from .errors import ConceptmonError
 from .hooks import LayerTrace, resolve_layers
-from .models import build_model, resolve_device
+from .layouts import ResolvedLayout, canonical, resolve_layout
+from .models import ModelError, build_model
 from .probes import ProbeError, ProbeSet, create_probe
 
 TOP_IMAGES_PER_NEURON = 10
@@ -58,12 +62,8 @@ class TopImages:
 
 
 def per_image_max(acts: torch.Tensor) -> torch.Tensor:
-    """(B, U) maximum of each unit's output per image: spatial max of maps, tokens' max."""
-    if acts.dim() == 4:
-        return acts.amax(dim=(2, 3))
-    if acts.dim() == 3:
-        return acts.amax(dim=1)
-    return acts
+    """(B, U) maximum of each unit's output per image (canonical maps or linear outputs)."""
+    return acts.amax(dim=(2, 3)) if acts.dim() == 4 else acts
 
 
 # ----------------------------------------------------------------------------- probe images
@@ -105,7 +105,7 @@ def normalize(batch: torch.Tensor, mean, std) -> torch.Tensor:
     return batch.float().div_(255.0).sub_(mean).div_(std)
 
 
-# ----------------------------------------------------------------------------- one model
+# ----------------------------------------------------------------------------- one pass, many models
 
 
 @dataclass
@@ -131,45 +131,127 @@ def make_loader(probe: ProbeSet, cfg: Config, device: torch.device):
     )
 
 
-def collect_layers(
-    model: torch.nn.Module,
+def worker_error(error: Exception) -> Exception:
+    """The one-line error a DataLoader worker raised, without the worker's traceback.
+
+    DataLoader re-raises a worker's exception as the same type with a message holding
+    "Caught X in DataLoader worker process N" and the whole traceback; the original
+    message is its last line (after ``module.X: ``).
+    """
+    text = str(error)
+    if "DataLoader worker process" not in text:
+        return error
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else text
+    name = type(error).__name__
+    marker = f"{name}: "
+    message = last.split(marker, 1)[1] if marker in last else last
+    try:
+        return type(error)(message)
+    except Exception:  # an exception type that does not take one message
+        return ConceptmonError(message)
+
+
+def _batches(loader):
+    """The loader's batches; a worker's expected error comes back as its own one line."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except ConceptmonError as e:
+            raise worker_error(e) from None
+        yield batch
+
+
+def layer_shapes(model: torch.nn.Module, layers: list[str], image_hw: tuple[int, int],
+                 device: torch.device) -> dict[str, tuple[int, ...]]:
+    """Output shapes of ``layers`` for a batch of two blank images (checked before any work)."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(2, 3, *image_hw, device=device)
+        with torch.no_grad(), LayerTrace(model, layers) as trace:
+            outputs = trace.run(x)
+    except ConceptmonError:
+        raise
+    except Exception as e:  # the architecture cannot take these images at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"model: a forward pass on {image_hw[0]}x{image_hw[1]} probe images failed ({first}); "
+                         f"check probe.image_size and model.kwargs") from None
+    finally:
+        model.train(was_training)
+    return {name: tuple(out.shape) for name, out in outputs.items()}
+
+
+def resolve_layouts(model, specs: list[LayerSpec], image_hw: tuple[int, int], device) -> dict[str, ResolvedLayout]:
+    modules = resolve_layers(model, [s.name for s in specs])
+    shapes = layer_shapes(model, [s.name for s in specs], image_hw, device)
+    return {s.name: resolve_layout(s, modules[s.name], shapes[s.name], image_hw) for s in specs}
+
+
+def collect_passes(
+    models: list[torch.nn.Module],
     layers: list[str],
     loader,
     detector: Detector,
     device: torch.device,
+    *,
+    layouts: dict[str, ResolvedLayout] | None = None,
     amp: bool = False,
     progress: Callable[[int, int], None] | None = None,
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
-) -> dict[str, LayerResult]:
-    """One forward pass per batch feeds every layer's detector accumulator and top images."""
-    model.eval().to(device)
-    accs, tops = {}, {name: TopImages() for name in layers}
+) -> list[dict[str, LayerResult]]:
+    """One pass over the probe set for several models: each batch is decoded and normalised
+    once, then every model's forward pass feeds its own per-layer accumulators."""
+    layers = [str(layer) for layer in layers]
+    for model in models:
+        model.eval().to(device)
+    class_token = bool(getattr(detector, "wants_class_token", False))
+    accs = [dict() for _ in models]
+    tops = [{name: TopImages() for name in layers} for _ in models]
     total = len(loader.dataset)
     done = 0
-    with torch.no_grad(), LayerTrace(model, layers) as trace:
-        for x, index in loader:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        traces = [stack.enter_context(LayerTrace(model, layers)) for model in models]
+        for x, index in _batches(loader):
             x = normalize(x.to(device, non_blocking=True), mean, std)
-            with torch.autocast(device.type, enabled=amp):
-                outputs = trace.run(x)
-            for name in layers:
-                act = outputs[name].float()
-                if not torch.isfinite(act).all():
-                    raise ActivationError(
-                        f"layer {name}: NaN or infinite activations (images {int(index[0])}..{int(index[-1])}); "
-                        f"is the checkpoint diverged?"
-                    )
-                if name not in accs:
-                    accs[name] = detector.accumulator(name, act.shape[1] if act.dim() != 3 else act.shape[2])
-                accs[name].add(act, index)
-                tops[name].add(per_image_max(act), index)
+            for trace, acc, top in zip(traces, accs, tops):
+                with torch.autocast(device.type, enabled=amp):
+                    outputs = trace.run(x)
+                for name in layers:
+                    raw = outputs[name]
+                    if layouts is None:
+                        layouts = {}
+                    if name not in layouts:
+                        layouts[name] = resolve_layout(LayerSpec(name), trace.modules[name], tuple(raw.shape),
+                                                       tuple(x.shape[2:]))
+                    act = canonical(raw, layouts[name], class_token).float()
+                    if not torch.isfinite(act).all():
+                        raise ActivationError(
+                            f"layer {name}: NaN or infinite activations (images {int(index[0])}..{int(index[-1])}); "
+                            f"is the checkpoint diverged?"
+                        )
+                    if name not in acc:
+                        acc[name] = detector.accumulator(name, act.shape[1])
+                    acc[name].add(act, index)
+                    top[name].add(per_image_max(act), index)
             done += x.shape[0]
             if progress:
                 progress(done, total)
-    return {
-        name: LayerResult(LayerScores.of(accs[name].scores()), tops[name].values, tops[name].index)
-        for name in layers
-    }
+    return [
+        {name: LayerResult(LayerScores.of(acc[name].scores()), top[name].values, top[name].index) for name in layers}
+        for acc, top in zip(accs, tops)
+    ]
+
+
+def collect_layers(model: torch.nn.Module, layers: list[str], loader, detector: Detector, device: torch.device,
+                   **kwargs) -> dict[str, LayerResult]:
+    """One model's pass (see :func:`collect_passes`)."""
+    return collect_passes([model], layers, loader, detector, device, **kwargs)[0]
 
 
 def _unit_column(value: torch.Tensor | None, n_units: int, fill: float) -> np.ndarray:
@@ -255,23 +337,44 @@ def result_tables(
 
 # ----------------------------------------------------------------------------- a run
 
+ENGINE_VERSION = 2
+"""Bumped when the engine's results change for the same inputs (2: layouts, tie rule,
+dead units, confidence): part of every epoch's fingerprint."""
+MAX_EPOCH = 2**31 - 1
+"""Epoch numbers are int32 in every table."""
+AUTO_MAX_CHECKPOINTS_PER_PASS = 8
 
-def config_fingerprint(cfg: Config) -> str:
-    """Hash of what changes dissection results (not device, batch size, paths or workers)."""
-    d = cfg.to_dict()
-    relevant = {k: d[k] for k in ("model", "layers", "probe", "detector", "concepts", "top_k")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def results_settings(cfg: Config, probe: ProbeSet, detector: Detector,
+                     layouts: dict[str, ResolvedLayout]) -> dict:
+    """Everything that changes dissection results, and nothing else (not the device,
+    batch size, workers, paths or run name): hashed into the fingerprint that decides
+    whether an epoch is already done, and shown when a changed config is refused."""
+    return {
+        "engine": ENGINE_VERSION,
+        "model": {"arch": cfg.model.arch, "kwargs": cfg.model.kwargs},
+        "layers": {name: resolved.describe() for name, resolved in layouts.items()},
+        "probe": {"name": probe.name, "fingerprint": probe.fingerprint(), "n_images": len(probe),
+                  "image_size": cfg.probe.image_size, "mean": list(cfg.probe.mean), "std": list(cfg.probe.std)},
+        "detector": detector.settings(),
+        "concepts": detector.concepts.fingerprint(),
+        "trust": {"replicates": cfg.trust.replicates, "seed": cfg.trust.seed},
+        "top_k": cfg.top_k,
+        "amp": bool(cfg.amp),
+    }
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
+def fingerprint_of(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _settings_diff(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = []
+        for key in sorted(set(old) | set(new)):
+            diffs += _settings_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return diffs
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def versions() -> dict:
@@ -285,49 +388,12 @@ def versions() -> dict:
     }
 
 
-def _manifest(cfg: Config, out: Path, ckpt_dir: str, probe: ProbeSet, detector: Detector, fingerprint: str) -> dict:
-    concepts = detector.concepts
-    return {
-        "run": run_name(cfg, out),
-        "config": cfg.to_dict(),
-        "config_fingerprint": fingerprint,
-        "detector": detector.settings(),
-        "concepts": {
-            "names": list(concepts.names),
-            "categories": list(concepts.categories),
-            "fingerprint": concepts.fingerprint(),
-            "source": concepts.source,
-        },
-        "probe": {
-            "name": probe.name,
-            "root": str(Path(probe.root).resolve()),
-            "fingerprint": probe.fingerprint(),
-            "n_images": len(probe),
-        },
-        "layers": list(cfg.layers),
-        "checkpoints": ckpt_dir,
-        "versions": versions(),
-    }
-
-
-def _check_previous(out: Path, fingerprint: str, cfg: Config, force: bool) -> None:
-    path = out / store.MANIFEST
-    if not path.exists() or force:
-        return
-    old = store.read_json(path)
-    if old.get("config_fingerprint") == fingerprint or not store.finished_epochs(out):
-        return
-    keys = ("model", "layers", "probe", "detector", "concepts", "top_k")
-    diff = _config_diff({k: old.get("config", {}).get(k) for k in keys}, {k: cfg.to_dict()[k] for k in keys})
-    what = "; ".join(diff[:3]) or "settings differ"
-    raise ConfigError(
-        f"{out}: holds results made with another config ({what}); pass --force to redo them, or use another --out"
-    )
-
-
 def select_checkpoints(
     files: list[CheckpointFile], epochs: list[int] | None, shard: tuple[int, int] | None
 ) -> list[CheckpointFile]:
+    for f in files:
+        if not 0 <= f.epoch <= MAX_EPOCH:
+            raise CheckpointError(f"{f.path}: epoch {f.epoch} is out of range (0..{MAX_EPOCH})")
     if epochs is not None:
         available = [f.epoch for f in files]
         unknown = sorted(set(epochs) - set(available))
@@ -348,12 +414,22 @@ def resolve_ckpt_dir(cfg: Config, ckpts: str | Path | None) -> Path:
     raise ConfigError("no checkpoint folder: pass --ckpts DIR or set checkpoints: in the config")
 
 
+def probe_image_size(probe: ProbeSet, image_size: int | None) -> tuple[int, int]:
+    if image_size is not None:
+        return image_size, image_size
+    if not len(probe):
+        raise ProbeError(f"probe {probe.name!r}: holds no images")
+    w, h = probe.load_image(0).size
+    return h, w
+
+
 class Dissector:
     """What stays fixed across the checkpoints of one run, checked and prepared once.
 
     Everything that can be checked is checked in the constructor, before any forward
-    pass or output: the architecture, the layer names, the probe set, the detector and
-    the output folder's previous config.
+    pass or output: the architecture, the layer names and their output layouts (one
+    forward pass of two blank images), the probe set, the detector and the output
+    folder's previous results.
     """
 
     def __init__(
@@ -365,29 +441,62 @@ class Dissector:
         force: bool = False,
         model: torch.nn.Module | None = None,
         log: Callable[[str], None] = print,
+        checkpoints_per_pass: int | None = None,
     ):
         self.cfg = cfg
         self.out = resolve_out(cfg, str(out) if out else None)
         self.log = log
         self.force = force
-        self.model = model if model is not None else build_model(cfg.model)
-        resolve_layers(self.model, cfg.layers)
+        self.live = model is not None
+        self.model = model if model is not None else build_model(cfg.model, base=cfg.base_dir)
+        self.layers = [str(layer) for layer in cfg.layers]
+        resolve_layers(self.model, self.layers)
         if model is not None:  # a live training model stays where it is
             param = next(model.parameters(), None)
             self.device = param.device if param is not None else resolve_device(cfg.device)
         else:
             self.device = resolve_device(cfg.device)
+        if checkpoints_per_pass is not None and checkpoints_per_pass < 1:
+            raise ConfigError(f"--checkpoints-per-pass: must be at least 1, got {checkpoints_per_pass}")
+        self.checkpoints_per_pass = checkpoints_per_pass
         self.probe = create_probe(cfg.probe)
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else store.cache_dir(self.out)
+        cache = store.resolve_cache_dir(cfg.cache_dir)
         self.ctx = RunContext(
             device=self.device, cache_dir=cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers, log=log,
             trust=TrustSettings(cfg.trust.replicates, cfg.trust.seed),
         )
         self.detector = create_detector(cfg, self.probe, self.ctx)
-        self.fingerprint = config_fingerprint(cfg)
-        _check_previous(self.out, self.fingerprint, cfg, force)
+        self.image_hw = probe_image_size(self.probe, cfg.probe.image_size)
+        if not self.live:
+            self.model.to(self.device)
+        self.layouts = resolve_layouts(self.model, list(cfg.layers), self.image_hw, self.device)
+        self.settings = results_settings(cfg, self.probe, self.detector, self.layouts)
+        self.fingerprint = fingerprint_of(self.settings)
         self.checkpoints = str(Path(checkpoints).resolve()) if checkpoints else "(in memory)"
         self._loader = None
+
+    # ------------------------------------------------------------------------- the folder
+
+    def check_folder(self, epochs: list[int]) -> None:
+        """Refuse to mix results: the folder's finished epochs made with another config must
+        all be redone in this call (``--force`` covering them), else use another --out."""
+        records = store.read_epoch_records(self.out)
+        other = sorted(e for e, r in records.items() if r.get("config_fingerprint") != self.fingerprint)
+        if not other:
+            return
+        old = {}
+        path = self.out / store.MANIFEST
+        if path.exists():
+            old = (store.read_json(path) or {}).get("settings") or {}
+        diff = "; ".join(_settings_diff(old, self.settings)[:3]) or "settings differ"
+        if not self.force:
+            raise ConfigError(f"{self.out}: holds results made with another config ({diff}); pass --force to redo "
+                              f"them, or use another --out")
+        left = sorted(set(other) - set(epochs))
+        if left:
+            raise ConfigError(f"{self.out}: epochs {left} were made with another config ({diff}) and would stay "
+                              f"beside the redone ones; redo every epoch (--force without --epochs/--shard) "
+                              f"or use another --out")
 
     def is_done(self, epoch: int, sha: str) -> bool:
         """True when the epoch's record matches this config and checkpoint, and both of its
@@ -412,50 +521,57 @@ class Dissector:
     def _prepare(self) -> None:
         if self._loader is not None:
             return
-        manifest = _manifest(self.cfg, self.out, self.checkpoints, self.probe, self.detector, self.fingerprint)
+        concepts = self.detector.concepts
+        manifest = {
+            "run": run_name(self.cfg, self.out),
+            "config": self.cfg.to_dict(),
+            "config_fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "detector": self.detector.settings(),
+            "concepts": {"names": list(concepts.names), "categories": list(concepts.categories),
+                         "fingerprint": concepts.fingerprint(), "source": concepts.source},
+            "probe": {"name": self.probe.name, "root": str(Path(self.probe.root).resolve()),
+                      "fingerprint": self.probe.fingerprint(), "n_images": len(self.probe)},
+            "layers": list(self.layers),
+            "layouts": {name: r.describe() for name, r in self.layouts.items()},
+            "checkpoints": self.checkpoints,
+            "versions": versions(),
+        }
         store.write_json(self.out / store.MANIFEST, manifest)
         self.run = manifest["run"]
         self.detector.prepare()
         self._loader = make_loader(self.probe, self.cfg, self.device)
 
-    def _progress(self, epoch: int, every_s: float = 10.0) -> Callable[[int, int], None]:
+    def _progress(self, label: str, every_s: float = 10.0) -> Callable[[int, int], None]:
         """Logs how far the pass is every ``every_s`` seconds, so long runs show life."""
         state = {"next": time.monotonic() + every_s}
 
         def report(done: int, total: int) -> None:
             now = time.monotonic()
             if done < total and now >= state["next"]:
-                self.log(f"epoch {epoch}: {done}/{total} probe images")
+                self.log(f"{label}: {done}/{total} probe images")
                 state["next"] = now + every_s
 
         return report
 
-    def dissect_current(self, epoch: int, source: str, sha: str) -> tuple[pd.DataFrame, dict]:
-        """Dissect ``self.model`` as it is now; write the epoch's tables, then its record."""
+    # ------------------------------------------------------------------------- dissecting
+
+    def _pass(self, models: list[torch.nn.Module], label: str) -> list[dict[str, LayerResult]]:
         self._prepare()
-        t0 = time.perf_counter()
-        was_training = self.model.training
-        try:
-            results = collect_layers(self.model, self.cfg.layers, self._loader, self.detector, self.device,
-                                     amp=self.cfg.amp, mean=self.cfg.probe.mean, std=self.cfg.probe.std,
-                                     progress=self._progress(epoch))
-        finally:
-            self.model.train(was_training)
+        return collect_passes(models, self.layers, self._loader, self.detector, self.device, layouts=self.layouts,
+                              amp=self.cfg.amp, mean=self.cfg.probe.mean, std=self.cfg.probe.std,
+                              progress=self._progress(label))
+
+    def _write_epoch(self, epoch: int, source: str, sha: str, results: dict[str, LayerResult],
+                     seconds: float) -> tuple[pd.DataFrame, dict]:
+        """The epoch's tables first, its record last: an epoch without a record is redone."""
         dissect_df, images_df = result_tables(results, self.detector, self.probe, run=self.run, epoch=epoch,
                                               top_k=self.cfg.top_k)
-        # Tables first, record last: an epoch without its record is simply redone.
         tables = {
             "dissect": store.write_table(store.dissect_path(self.out, epoch), dissect_df, store.DISSECT),
             "top_images": store.write_table(store.top_images_path(self.out, epoch), images_df, store.TOP_IMAGES),
         }
-        best = dissect_df[dissect_df["rank"] == 0]
-        summary = {
-            layer: {"interpretable": int(best[best.layer == layer].interpretable.sum()),
-                    "neurons": int((best.layer == layer).sum()),
-                    "concepts": int(best[(best.layer == layer) & best.interpretable].concept.nunique())}
-            for layer in self.cfg.layers
-        }
-        seconds = time.perf_counter() - t0
+        summary = layer_summary(dissect_df, self.layers)
         store.write_json(
             store.epoch_record_path(self.out, epoch),
             {
@@ -469,22 +585,99 @@ class Dissector:
                 "layers": summary,
             },
         )
-        line = ", ".join(f"{layer} {v['interpretable']}/{v['neurons']}" for layer, v in summary.items())
+        line = ", ".join(f"{layer} {v['interpretable']}/{v['neurons']}" + (f" ({v['dead']} dead)" if v["dead"] else "")
+                         for layer, v in summary.items())
         self.log(f"epoch {epoch}: done in {seconds:.1f}s; interpretable neurons: {line}")
         return dissect_df, summary
 
+    def dissect_current(self, epoch: int, source: str, sha: str) -> tuple[pd.DataFrame, dict]:
+        """Dissect ``self.model`` as it is now (a live training model) and write the epoch."""
+        self.check_folder([epoch])
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        try:
+            results = self._pass([self.model], f"epoch {epoch}")[0]
+        finally:
+            self.model.train(was_training)
+        return self._write_epoch(epoch, source, sha, results, time.perf_counter() - t0)
+
+    def per_pass(self, n_checkpoints: int) -> int:
+        """Checkpoints whose models share one decode of the probe set: ``--checkpoints-per-pass``,
+        else as many as a quarter of the device's free memory holds (at most 8)."""
+        if self.checkpoints_per_pass is not None:
+            return self.checkpoints_per_pass
+        if n_checkpoints <= 1:
+            return 1
+        per_model = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        per_model += self.detector_state_bytes()
+        budget = available_bytes(self.device) // 4
+        return int(max(1, min(AUTO_MAX_CHECKPOINTS_PER_PASS, n_checkpoints, budget // max(per_model, 1))))
+
+    def detector_state_bytes(self) -> int:
+        """A rough upper estimate of one checkpoint's accumulator state over all layers:
+        about 2 % of a layer's values (NetDissect's top values and candidates), and at
+        least one value per image and unit (CLIP-Dissect's pooled activations)."""
+        n = len(self.probe)
+        total = 0
+        for resolved in self.layouts.values():
+            h, w = resolved.grid or (1, 1)
+            total += 4 * max(n * resolved.channels * h * w // 50, n * resolved.channels)
+        return total
+
+    def dissect_files(self, files: list[CheckpointFile], trust: bool = False) -> list[int]:
+        """Dissect every file not already done, several checkpoints per decode of the probe set."""
+        self.check_folder([f.epoch for f in files])
+        todo = []
+        for ckpt in files:
+            sha = file_sha256(ckpt.path)
+            if self.is_done(ckpt.epoch, sha):
+                self.log(f"epoch {ckpt.epoch}: already dissected, skipping (--force redoes it)")
+            else:
+                todo.append((ckpt, sha))
+        done: list[int] = []
+        if not todo:
+            return done
+        group = self.per_pass(len(todo))
+        if group > 1:
+            self.log(f"{len(todo)} checkpoints, {group} per pass over the probe set "
+                     f"({-(-len(todo) // group)} pass(es))")
+        for start in range(0, len(todo), group):
+            chunk = todo[start:start + group]
+            models = []
+            for ckpt, _ in chunk:
+                model = self.model if not models else copy.deepcopy(self.model)
+                state = load_state_dict(ckpt.path, trust)
+                apply_state_dict(model, state, ckpt.path)
+                del state
+                models.append(model)
+            epochs = [c.epoch for c, _ in chunk]
+            names = ", ".join(c.path.name for c, _ in chunk)
+            self.log(f"epoch{'s' if len(chunk) > 1 else ''} {', '.join(map(str, epochs))}: dissecting {names} "
+                     f"on {self.device} ({len(self.probe)} probe images)")
+            t0 = time.perf_counter()
+            results = self._pass(models, f"epoch{'s' if len(chunk) > 1 else ''} {', '.join(map(str, epochs))}")
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for (ckpt, sha), result in zip(chunk, results):
+                self._write_epoch(ckpt.epoch, str(ckpt.path.resolve()), sha, result, seconds)
+                done.append(ckpt.epoch)
+            del models, results
+        return done
+
     def dissect_file(self, ckpt: CheckpointFile, trust: bool = False) -> bool:
         """Dissect one checkpoint file unless already done; True when it was dissected now."""
-        sha = file_sha256(ckpt.path)
-        if self.is_done(ckpt.epoch, sha):
-            self.log(f"epoch {ckpt.epoch}: already dissected, skipping (--force redoes it)")
-            return False
-        state = load_state_dict(ckpt.path, trust)
-        apply_state_dict(self.model, state, ckpt.path)
-        del state
-        self.log(f"epoch {ckpt.epoch}: dissecting {ckpt.path.name} on {self.device} ({len(self.probe)} probe images)")
-        self.dissect_current(ckpt.epoch, str(ckpt.path.resolve()), sha)
-        return True
+        return bool(self.dissect_files([ckpt], trust))
+
+
+def layer_summary(dissect_df: pd.DataFrame, layers: list[str]) -> dict:
+    """Per layer: interpretable, neurons, dead, distinct concepts among interpretable neurons."""
+    best = dissect_df[dissect_df["rank"] == 0]
+    summary = {}
+    for layer in layers:
+        mine = best[best.layer == layer]
+        summary[layer] = {"interpretable": int(mine.interpretable.sum()), "neurons": int(len(mine)),
+                          "dead": int(mine.dead.sum()),
+                          "concepts": int(mine[mine.interpretable].concept.nunique())}
+    return summary
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -505,6 +698,7 @@ def dissect_run(
     force: bool = False,
     shard: tuple[int, int] | None = None,
     trust_checkpoints: bool = False,
+    checkpoints_per_pass: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[int]:
     """Dissect every (selected) checkpoint; returns the epochs written in this call."""
@@ -512,5 +706,6 @@ def dissect_run(
     if shard is not None and not (0 <= shard[0] < shard[1]):
         raise ConfigError(f"--shard: expected I/N with 0 <= I < N, got {shard[0]}/{shard[1]}")
     files = select_checkpoints(find_checkpoints(ckpt_dir, trust_checkpoints), epochs, shard)
-    dissector = Dissector(cfg, out, checkpoints=ckpt_dir, force=force, log=log)
-    return [f.epoch for f in files if dissector.dissect_file(f, trust_checkpoints)]
+    dissector = Dissector(cfg, out, checkpoints=ckpt_dir, force=force, log=log,
+                          checkpoints_per_pass=checkpoints_per_pass)
+    return dissector.dissect_files(files, trust_checkpoints)

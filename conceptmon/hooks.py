@@ -1,11 +1,10 @@
 """Capture several layers' outputs in one forward pass, with hooks that are always removed."""
 from __future__ import annotations
 
-import difflib
-
 import torch
 
 from .errors import ConceptmonError
+from .registry import did_you_mean
 
 
 class LayerError(ConceptmonError):
@@ -25,8 +24,7 @@ def resolve_layers(model: torch.nn.Module, names: list[str]) -> dict[str, torch.
     found = {}
     for name in names:
         if name not in modules or name == "":
-            close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.4)
-            hint = f"; closest: {', '.join(close)}" if close else ""
+            hint = did_you_mean(name, [n for n in modules if n], n=5, cutoff=0.4)
             raise LayerError(f"layers: no layer named {name!r} in this model{hint}")
         found[name] = modules[name]
     return found

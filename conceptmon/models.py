@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 
 import torch
 
@@ -14,19 +13,14 @@ class ModelError(ConceptmonError):
     """An architecture that cannot be built."""
 
 
-def _factory(arch: str):
+def _factory(arch: str, base=None):
     if ":" in arch:
-        module_name, _, attr = arch.partition(":")
+        from .registry import RegistryError, import_spec
+
         try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ModelError(f"model.arch: cannot import {module_name!r} ({e})") from None
-        try:
-            return getattr(module, attr)
-        except AttributeError:
-            close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ModelError(f"model.arch: {module_name} has no {attr!r}{hint}") from None
+            return import_spec(arch, field="model.arch", search=[base])
+        except RegistryError as e:
+            raise ModelError(str(e)) from None
     import torchvision
 
     names = torchvision.models.list_models()
@@ -40,9 +34,12 @@ def _factory(arch: str):
     return lambda **kw: torchvision.models.get_model(arch, weights=None, **kw)
 
 
-def build_model(cfg: ModelConfig) -> torch.nn.Module:
-    """A fresh, randomly initialised model; checkpoints provide the weights."""
-    factory = _factory(cfg.arch)
+def build_model(cfg: ModelConfig, base=None) -> torch.nn.Module:
+    """A fresh, randomly initialised model; checkpoints provide the weights.
+
+    ``package.module:function`` is looked up on sys.path, then in ``base`` (the config
+    file's folder) and the working directory."""
+    factory = _factory(cfg.arch, base)
     try:
         model = factory(**cfg.kwargs)
     except TypeError as e:
@@ -53,14 +50,7 @@ def build_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else Apple MPS, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device: {name} requested but CUDA is not available here (use device: auto or cpu)")
-    return dev
+    """``auto`` picks CUDA when present, else Apple MPS, else the CPU (see conceptmon.devices)."""
+    from .devices import resolve_device as resolve
+
+    return resolve(name)

@@ -95,6 +95,12 @@ def import_spec(spec: str, *, field: str, search: Iterable[Path | None] = ()):
     return obj
 
 
+def origin_of(obj) -> str:
+    """``builtin`` for conceptmon's own objects, else ``code (<module>)``."""
+    module = getattr(obj, "__module__", None) or "?"
+    return "builtin" if module == "conceptmon" or module.startswith("conceptmon.") else f"code ({module})"
+
+
 @dataclass(frozen=True)
 class Entry(Generic[T]):
     name: str
@@ -133,9 +139,7 @@ class Registry(Generic[T]):
         """
         def deco(obj):
             key = name if isinstance(name, str) else getattr(obj, "name", None) or obj.__name__
-            module = getattr(obj, "__module__", None) or "?"
-            origin = source or ("builtin" if module.startswith("conceptmon.") else f"code ({module})")
-            self._add(str(key), obj, origin)
+            self._add(str(key), obj, source or origin_of(obj))
             return obj
 
         if callable(name) and not isinstance(name, str):
@@ -223,6 +227,15 @@ class Registry(Generic[T]):
             f"{self.field}: unknown {self.kind} {name!r}{did_you_mean(name, choices)}; "
             f"choices: {', '.join(choices)}{spec}"
         )
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
 
     def entries(self) -> list[Entry[T]]:
         """Every entry with where it came from (loads the built-ins)."""

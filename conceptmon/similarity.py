@@ -18,9 +18,12 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .registry import Registry, RegistryError
 
 # Neurons per chunk are chosen so a chunk's (neurons x top images x concepts) block
 # holds at most this many float32 values (64 MiB).
@@ -193,19 +196,59 @@ def rank_reorder(
     return out
 
 
-SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
-    "soft_wpmi": soft_wpmi,
-    "wpmi": wpmi,
-    "cos_similarity_cubed": cos_similarity_cubed,
-    "cos_similarity": cos_similarity,
-    "rank_reorder": rank_reorder,
-}
+@dataclass(frozen=True)
+class Similarity:
+    """A similarity function declared once: its function (parameters = its keyword-only
+    arguments with defaults) and its default interpretability threshold, a number or
+    ``threshold(n_concepts, params) -> float``."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    threshold: float | Callable[[int, dict], float]
+
+    def __call__(self, clip_sim: torch.Tensor, activations: torch.Tensor, **params) -> torch.Tensor:
+        return self.fn(clip_sim, activations, **params)
+
+    def default_params(self) -> dict:
+        sig = inspect.signature(self.fn)
+        return {k: v.default for k, v in sig.parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def default_threshold(self, n_concepts: int, params: dict) -> float:
+        return float(self.threshold(n_concepts, params) if callable(self.threshold) else self.threshold)
+
+
+def _check_similarity(name: str, obj) -> None:
+    if not isinstance(obj, Similarity):
+        raise RegistryError(f"detector.similarity: {name} is not a conceptmon.similarity.Similarity")
+
+
+SIMILARITIES: Registry[Similarity] = Registry(
+    "similarity", group="conceptmon.similarities", field="detector.similarity", check=_check_similarity,
+)
+"""Every similarity by name; other packages add theirs through the entry-point group
+``conceptmon.similarities`` (an entry point naming a :class:`Similarity`)."""
+
+
+def register_similarity(name: str, threshold: float | Callable[[int, dict], float]):
+    """Decorator: declare ``fn`` as similarity ``name`` with its default threshold."""
+
+    def deco(fn):
+        SIMILARITIES.register(name)(Similarity(name, fn, threshold))
+        return fn
+
+    return deco
 
 
 def default_params(name: str) -> dict:
     """The keyword parameters of similarity ``name`` with their defaults."""
-    sig = inspect.signature(SIMILARITIES[name])
-    return {k: v.default for k, v in sig.parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    return SIMILARITIES.get(name).default_params()
+
+
+register_similarity("soft_wpmi", lambda m, p: chance_pmi_score("soft_wpmi", m, p) + 1.0)(soft_wpmi)
+register_similarity("wpmi", lambda m, p: chance_pmi_score("wpmi", m, p) + 1.0)(wpmi)
+register_similarity("cos_similarity_cubed", 0.2)(cos_similarity_cubed)
+register_similarity("cos_similarity", 0.5)(cos_similarity)
+register_similarity("rank_reorder", -1.0)(rank_reorder)
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -245,10 +288,7 @@ def default_threshold(name: str, n_concepts: int, params: dict | None = None) ->
     * rank_reorder: −1.0. Chance is about −1/√(mean CLIP score) ≈ −2 at typical cosines
       (0.25); −1 asks for half the random-order error.
     """
-    params = params or {}
-    if name in ("soft_wpmi", "wpmi"):
-        return chance_pmi_score(name, n_concepts, params) + 1.0
-    return {"cos_similarity_cubed": 0.2, "cos_similarity": 0.5, "rank_reorder": -1.0}[name]
+    return SIMILARITIES.get(name).default_threshold(n_concepts, params or {})
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -139,7 +139,7 @@ BAD_INPUTS = {
     "whole pickled module": "--trust-checkpoints",
     "other architecture": "weights do not fit model",
     "unknown arch": "unknown architecture 'resnet181' (did you mean resnet18",
-    "wrong layer": "no layer named 'conv3' in this model; closest: conv2, conv1",
+    "wrong layer": "no layer named 'conv3' in this model (did you mean conv2, conv1?)",
     "unknown config key": "detector.quantil: unknown key (did you mean quantile?)",
     "missing probe root": "no_broden",
     "malformed index.csv": "index.csv",

@@ -9,6 +9,7 @@ from PIL import Image
 from conceptmon import clip, similarity, store
 from conceptmon.concepts import ConceptSet
 from conceptmon.config import config_from_dict
+from conceptmon.layouts import ResolvedLayout, canonical
 from conceptmon.detectors import DetectorError, RunContext, create_detector, list_detectors
 from conceptmon.detectors.clipdissect import ClipDissect, pool_activations, resolve_params
 from conceptmon.probes.base import ProbeSet
@@ -184,8 +185,11 @@ def test_pooling_per_output_kind():
     maps = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2)
     torch.testing.assert_close(pool_activations(maps, 3, "avg"), maps.mean(dim=(2, 3)))
     torch.testing.assert_close(pool_activations(maps, 3, "max"), maps[:, :, 1, 1])
-    tokens = torch.randn(2, 5, 3)  # (batch, tokens, width): the CLS token
-    assert torch.equal(pool_activations(tokens, 3), tokens[:, 0, :])
+    tokens = torch.randn(2, 5, 3)  # (batch, 1 + 2x2 tokens, width)
+    cls = canonical(tokens, ResolvedLayout("tokens", 3, 1, (2, 2)), class_token=True)
+    assert torch.equal(pool_activations(cls, 3), tokens[:, 0, :])  # pool: cls gets the class token
+    grid = canonical(tokens, ResolvedLayout("tokens", 3, 1, (2, 2)))
+    torch.testing.assert_close(pool_activations(grid, 3), tokens[:, 1:, :].mean(dim=1))  # avg over patch tokens
     flat = torch.randn(2, 3)
     assert torch.equal(pool_activations(flat, 3), flat)
 
@@ -213,7 +217,9 @@ def test_settings_and_thresholds(tiny_clip, tmp_path):
     ],
 )
 def test_bad_detector_settings_name_the_field(tiny_clip, tmp_path, detector, message):
-    with pytest.raises(DetectorError, match=message):
+    from conceptmon.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):  # refused when the config is read
         make_detector(tiny_clip, tmp_path, **detector)
 
 

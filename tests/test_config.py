@@ -81,29 +81,48 @@ def test_shipped_configs_are_valid():
 
 
 def test_readme_config_block_is_valid_and_complete():
+    """Every config key, and every option of every built-in detector and probe, is documented."""
     import dataclasses
     from pathlib import Path
 
     import yaml
 
-    from conceptmon.config import Config
+    from conceptmon.config import ComponentSpec, Config
+    from conceptmon.detectors import DETECTORS
+    from conceptmon.probes import PROBES
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    data = yaml.safe_load(text.split("## Configuration\n\n```yaml\n")[1].split("```")[0])
-    config_from_dict(data)  # every key documented there is a real key
+    section = text.split("## Configuration\n")[1].split("\n## ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```yaml\n")[1:]]
+    assert blocks, "no yaml block under ## Configuration"
+    for block in blocks:
+        config_from_dict(yaml.safe_load(block))  # every key documented there is a real key
 
     def keys(cls, prefix=""):
         for f in dataclasses.fields(cls):
             if f.metadata.get("internal"):
                 continue
             factory = f.default_factory
-            if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            if factory is not dataclasses.MISSING and isinstance(factory, type) and issubclass(factory, ComponentSpec):
+                yield f"{prefix}{f.name}.name"
+                yield from (f"{prefix}{f.name}.{k}" for k in factory.fixed)
+            elif factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
                 yield from keys(factory, f"{prefix}{f.name}.")
             else:
                 yield f"{prefix}{f.name}"
 
+    for name in DETECTORS.names():
+        yield_from = [f"detector.{f.name}" for f in dataclasses.fields(DETECTORS.get(name).Options)]
+        documented_somewhere = [k for k in yield_from if f"  {k.split('.', 1)[1]}:" in section]
+        assert documented_somewhere == yield_from, f"options of detector {name} missing from the README"
+    for name in PROBES.names():
+        options = PROBES.get(name).options
+        for f in dataclasses.fields(options) if options else []:
+            assert f"  {f.name}:" in section, f"option {f.name} of probe {name} missing from the README"
+
     documented = set()
-    for k, v in data.items():
-        documented |= {f"{k}.{kk}" for kk in v} if isinstance(v, dict) else {k}
+    for block in blocks:
+        for k, v in yaml.safe_load(block).items():
+            documented |= {f"{k}.{kk}" for kk in v} if isinstance(v, dict) else {k}
     missing = sorted(set(keys(Config)) - documented)
     assert not missing, f"config keys missing from the README: {missing}"

@@ -69,7 +69,7 @@ def test_epoch_selection_and_shards(array_probe_config, tiny_ckpts, tmp_path):
 @pytest.mark.parametrize(
     "change,error,message",
     [
-        ({"layers": ["conv3"]}, LayerError, r"no layer named 'conv3'.*closest: conv2, conv1"),
+        ({"layers": ["conv3"]}, LayerError, r"no layer named 'conv3'.*did you mean conv2, conv1"),
         ({"model": {"arch": "resnet181"}}, ModelError, r"unknown architecture 'resnet181' \(did you mean resnet18"),
         ({"model": {"arch": "tests.fakes:TinyConvv"}}, ModelError, r"has no 'TinyConvv' \(did you mean TinyConv"),
     ],

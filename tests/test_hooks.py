@@ -32,7 +32,7 @@ def test_hooks_removed_after_exception():
 
 
 def test_unknown_layer_suggests_close_names():
-    with pytest.raises(LayerError, match=r"no layer named 'conv3'.*closest: conv2, conv1"):
+    with pytest.raises(LayerError, match=r"no layer named 'conv3'.*did you mean conv2, conv1"):
         resolve_layers(TinyConv(), ["conv3"])
 
 

@@ -169,7 +169,7 @@ def test_words_file_concepts_and_relative_paths(tmp_path, monkeypatch):
     assert concepts.names == ("red", "windmill", "sky")
     assert concepts.categories == ("color", "other", "other")
     assert load_concepts(str(cfg_dir / "words.txt"), None) == concepts
-    with pytest.raises(ConceptError, match=r"concepts: 'nope.txt' is not broden, .* no such file \(also looked in"):
+    with pytest.raises(ConceptError, match=r"concepts: 'nope.txt' is not synthetic, broden, cifar100 .* no such file \(also looked in"):
         load_concepts("nope.txt", None, base=cfg_dir)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..config import Config, ConfigError, DEFAULT_CONFIG, load_config, resolve_out
+from ..config import Config, ConfigError, DEFAULT_CONFIG, load_config, read_out_setting, resolve_out
 from ..errors import ConceptmonError
 
 
@@ -50,14 +50,15 @@ def load_cfg(config_path: Path | None, required: bool = True) -> Config | None:
 
 
 def find_out(config_path: Path | None, out: Path | None) -> Path:
-    """Output folder for commands that read results: --out, else the config's, else the default."""
-    cfg = None
-    if out is None:
-        try:
-            cfg = load_cfg(config_path, required=False)
-        except ConfigError:
-            cfg = None
-    return resolve_out(cfg, str(out) if out else None)
+    """Output folder for commands that read results: --out, else the config's ``out:``, else
+    the default. Only the ``out:`` key is read (commands that read results need no model,
+    detector or probe, so the rest of the config is not validated or imported here)."""
+    if out is not None:
+        return Path(out)
+    path = Path(config_path) if config_path is not None else Path(DEFAULT_CONFIG)
+    if config_path is not None and not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    return resolve_out(None, read_out_setting(path) if path.exists() else None)
 
 
 def split_csv(value: str | None) -> list[str] | None:

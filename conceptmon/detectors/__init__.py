@@ -1,58 +1,71 @@
-"""Concept detectors behind one registry (``create_detector``, ``list_detectors``).
+"""Concept detectors behind one registry (``DETECTORS``).
 
-Add one by subclassing :class:`Detector` and decorating it with ``@register_detector``.
+A detector subclasses :class:`Detector`, declares its ``Options`` dataclass (extending
+:class:`~conceptmon.config.DetectorOptions`) and registers itself::
+
+    @register_detector
+    class MyDetector(Detector):
+        name = "mine"
+        Options = MyOptions
+
+or from another package through the entry-point group ``conceptmon.detectors``. The
+config's ``detector: {name: mine, ...}`` is then validated against ``MyOptions``, and
+the detector is built with only what it needs: its options, the probe set, the concept
+set and the run context.
 """
 from __future__ import annotations
 
-import difflib
-
-from ..config import Config
-from ..probes.base import ProbeSet
+from ..registry import Registry, RegistryError
 from .base import (
     Detector, DetectorError, LayerAccumulator, LayerScores, RunContext, TrustSettings, bootstrap_summary,
     poisson_weights, rank_concepts,
 )
 
-_REGISTRY: dict[str, type[Detector]] = {}
+
+def _check_detector(name: str, obj) -> None:
+    if not (isinstance(obj, type) and issubclass(obj, Detector)):
+        raise RegistryError(f"detector.name: {name} is not a conceptmon.detectors.Detector subclass")
+
+
+DETECTORS: Registry[type[Detector]] = Registry(
+    "detector", group="conceptmon.detectors", field="detector.name", check=_check_detector,
+    builtins={
+        "netdissect": "conceptmon.detectors.netdissect:NetDissect",
+        "clip-dissect": "conceptmon.detectors.clipdissect:ClipDissect",
+    },
+)
 
 
 def register_detector(cls: type[Detector]) -> type[Detector]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_builtin() -> None:
-    import importlib
-
-    for module in ("netdissect", "clipdissect"):
-        importlib.import_module(f"{__name__}.{module}")
+    """Class decorator: registers ``cls`` under ``cls.name``."""
+    return DETECTORS.register(cls.name)(cls)
 
 
 def list_detectors() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return DETECTORS.names()
 
 
 def detector_class(name: str) -> type[Detector]:
-    _load_builtin()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DetectorError(f"detector.name: unknown detector {name!r}{hint}; choices: {', '.join(list_detectors())}")
-    return _REGISTRY[name]
+    return DETECTORS.get(name)
 
 
-def create_detector(cfg: Config, probe: ProbeSet, ctx: RunContext) -> Detector:
+def create_detector(cfg, probe, ctx: RunContext) -> Detector:
+    """Build the configured detector for ``probe`` from a whole Config (a convenience for
+    scripts and tests; the detector itself receives only its options, probe, concepts, ctx)."""
+    from ..concept_sets import concepts_for
+
     cls = detector_class(cfg.detector.name)
     if cls.needs_masks and not probe.has_masks:
         raise DetectorError(
             f"detector.name: {cls.name} needs segmentation masks, but probe {probe.name!r} has none; "
             f"use probe broden or synthetic, or detector clip-dissect"
         )
-    return cls(cfg, probe, ctx)
+    concepts = concepts_for(cls, cfg.concepts, probe, base=cfg.base_dir, log=ctx.log)
+    return cls(cfg.detector.options, probe, concepts, ctx)
 
 
 __all__ = [
-    "Detector", "DetectorError", "LayerAccumulator", "LayerScores", "RunContext", "TrustSettings", "bootstrap_summary",
-    "create_detector", "list_detectors", "poisson_weights", "rank_concepts", "register_detector",
+    "DETECTORS", "Detector", "DetectorError", "LayerAccumulator", "LayerScores", "RunContext", "TrustSettings",
+    "bootstrap_summary", "create_detector", "detector_class", "list_detectors", "poisson_weights",
+    "rank_concepts", "register_detector",
 ]

@@ -4,7 +4,7 @@ A detector labels neurons with concepts. The engine runs **one** forward pass pe
 batch of probe images and hands every configured layer's activations to each layer's
 accumulator; the detector never runs the target model itself::
 
-    detector = create_detector(cfg, probe, ctx)
+    detector = DETECTORS.get("netdissect")(options, probe, concepts, ctx)
     detector.prepare()                       # probe-level work, cached across checkpoints
     acc = detector.accumulator("layer4", n_units=512)
     for acts, index in batches:              # acts: (B, U, H, W) or (B, U) on ctx.device
@@ -34,7 +34,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..concepts import ConceptSet
-from ..config import Config
+from ..config import DetectorOptions
 from ..probes.base import ProbeSet
 
 
@@ -140,31 +140,48 @@ class LayerAccumulator(ABC):
 
 
 class Detector(ABC):
+    """Labels neurons with concepts from activations streamed over a probe set.
+
+    Class attributes: ``name`` (registry name), ``Options`` (its options dataclass,
+    extending DetectorOptions), ``default_threshold``, ``needs_masks`` (probe sets with
+    segmentation masks only), ``uses_probe_labels`` (its concepts are the probe's own
+    mask labels rather than the config's ``concepts:``), ``version`` (bump when results
+    change for the same inputs: it is part of every result's fingerprint).
+    """
+
     name: ClassVar[str]
+    Options: ClassVar[type] = DetectorOptions
     default_threshold: ClassVar[float]
     needs_masks: ClassVar[bool] = False
+    uses_probe_labels: ClassVar[bool] = False
+    version: ClassVar[int] = 1
 
-    def __init__(self, cfg: Config, probe: ProbeSet, ctx: RunContext):
-        self.cfg = cfg
+    def __init__(self, options, probe: ProbeSet, concepts: ConceptSet, ctx: RunContext):
+        self.options = options if options is not None else self.Options()
         self.probe = probe
+        self._concepts = concepts
         self.ctx = ctx
 
     @property
-    @abstractmethod
     def concepts(self) -> ConceptSet:
         """The concepts that ``scores()`` columns refer to."""
+        return self._concepts
 
     @property
     def threshold(self) -> float:
-        t = self.cfg.detector.threshold
+        t = getattr(self.options, "threshold", None)
         return self.default_threshold if t is None else t
 
     def prepare(self) -> None:
         """Probe-level work done once per run and cached (masks, CLIP features)."""
 
     def settings(self) -> dict:
-        """What changes this detector's output, recorded in the manifest and checked on re-runs."""
-        return {"name": self.name, "threshold": self.threshold}
+        """What changes this detector's output, recorded in the manifest and checked on
+        re-runs: its name, version, options and resolved threshold (JSON-serialisable)."""
+        import dataclasses
+
+        options = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        return {**options, "name": self.name, "version": self.version, "threshold": self.threshold}
 
     @abstractmethod
     def accumulator(self, layer: str, n_units: int) -> LayerAccumulator: ...

@@ -17,17 +17,17 @@ probe images with CLIP's image-concept similarities.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import numbers
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import clip, similarity
-from ..concept_sets import load_concepts
-from ..concepts import ConceptSet
+from ..config import ConfigError, DetectorOptions
+from ..registry import did_you_mean
 from ..store import atomic_path
 from . import register_detector
 from .base import Detector, DetectorError, LayerAccumulator
@@ -51,11 +51,9 @@ def similarity_name(name: str) -> str:
     """``soft-wpmi`` and ``soft_wpmi`` both mean soft_wpmi; unknown names fail with choices."""
     key = name.strip().lower().replace("-", "_")
     if key not in similarity.SIMILARITIES:
-        close = difflib.get_close_matches(key, list(similarity.SIMILARITIES), n=2)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DetectorError(
-            f"detector.similarity: unknown {name!r}{hint}; choices: {', '.join(similarity.SIMILARITIES)}"
-        )
+        choices = similarity.SIMILARITIES.names()
+        raise DetectorError(f"detector.similarity: unknown {name!r}{did_you_mean(key, choices, n=2)}; "
+                            f"choices: {', '.join(choices)}")
     return key
 
 
@@ -84,14 +82,13 @@ def resolve_params(name: str, given: dict) -> dict:
 
 
 def pool_activations(acts: torch.Tensor, n_units: int, pool: str = "avg") -> torch.Tensor:
-    """(B, U) per-image values: (B, U) as is; (B, tokens, U) -> the CLS token (position 0);
-    (B, U, ...) maps -> spatial mean or max."""
+    """(B, U) per-image values from the engine's canonical forms: (B, U) as is (linear
+    outputs, or the class token when ``pool: cls`` asked the engine for it); (B, U, H, W)
+    maps and patch-token grids -> the mean (avg) or max over space."""
+    if acts.shape[1] != n_units:
+        raise DetectorError(f"activations of shape {tuple(acts.shape)} do not have {n_units} units on dim 1")
     if acts.dim() == 2:
         return acts
-    if acts.dim() == 3 and acts.shape[2] == n_units:
-        return acts[:, 0, :]
-    if acts.shape[1] != n_units:
-        raise DetectorError(f"activations of shape {tuple(acts.shape)} do not have {n_units} units on dim 1 or 2")
     dims = tuple(range(2, acts.dim()))
     return acts.amax(dim=dims) if pool == "max" else acts.mean(dim=dims)
 
@@ -113,6 +110,34 @@ class _ClipPixels(torch.utils.data.Dataset):
         return clip.preprocess_images(self.processor, [self.probe.load_image(i)])[0]
 
 
+POOLS = ("avg", "max", "cls")
+
+
+@dataclass
+class ClipDissectOptions(DetectorOptions):
+    similarity: str = "soft_wpmi"
+    """soft_wpmi | wpmi | cos_similarity_cubed | cos_similarity | rank_reorder (or a registered one)."""
+    params: dict = field(default_factory=dict)
+    """The similarity's parameters (defaults: its signature)."""
+    clip_model: str = "openai/clip-vit-base-patch16"
+    """A Hugging Face name (cached) or a save_pretrained folder."""
+    pool: str = "avg"
+    """How a map or token sequence becomes one value per image: avg | max over space or patch
+    tokens, or cls (the first token of a token sequence)."""
+    clip_batch_size: int = 64
+
+    def check(self) -> None:
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool: expected one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.clip_batch_size < 1:
+            raise ConfigError(f"clip_batch_size: must be at least 1, got {self.clip_batch_size}")
+        try:
+            self.similarity = similarity_name(self.similarity)
+            resolve_params(self.similarity, self.params)
+        except DetectorError as e:
+            raise ConfigError(str(e).removeprefix("detector.")) from None
+
+
 @register_detector
 class ClipDissect(Detector):
     """CLIP-Dissect with a configurable similarity function.
@@ -125,43 +150,39 @@ class ClipDissect(Detector):
     """
 
     name = "clip-dissect"
+    Options = ClipDissectOptions
     default_threshold = 1.0
     needs_masks = False
 
-    def __init__(self, cfg, probe, ctx):
-        super().__init__(cfg, probe, ctx)
-        det = cfg.detector
-        self.similarity = similarity_name(det.similarity)
-        self.params = resolve_params(self.similarity, det.params)
+    def __init__(self, options, probe, concepts, ctx):
+        super().__init__(options, probe, concepts, ctx)
+        self.similarity = similarity_name(self.options.similarity)
+        self.params = resolve_params(self.similarity, self.options.params)
         self.similarity_fn = similarity.SIMILARITIES[self.similarity]
-        self.clip_model = det.clip_model
-        base = Path(cfg.source).parent if cfg.source else None
-        self._concepts = load_concepts(cfg.concepts, probe, base=base)
+        self.clip_model = self.options.clip_model
+        self.pool = self.options.pool
         if len(self._concepts) < 2:
             raise DetectorError(f"concepts: CLIP-Dissect needs at least 2 concepts, got {len(self._concepts)}")
-        limit = cfg.probe.limit
-        self.n_images = len(probe) if limit is None else min(limit, len(probe))
+        self.n_images = len(probe)
         self.clip_sim: torch.Tensor | None = None
 
     @property
-    def concepts(self) -> ConceptSet:
-        return self._concepts
+    def wants_class_token(self) -> bool:
+        """Token layers arrive as their class token (B, C) rather than the patch grid."""
+        return self.pool == "cls"
 
     @property
     def threshold(self) -> float:
-        t = self.cfg.detector.threshold
+        t = self.options.threshold
         if t is not None:
             return t
         return similarity.default_threshold(self.similarity, len(self._concepts), self.params)
 
     def settings(self) -> dict:
         return {
-            "name": self.name,
-            "threshold": self.threshold,
+            **super().settings(),
             "similarity": self.similarity,
             "params": dict(self.params),
-            "clip_model": self.clip_model,
-            "pool": self.cfg.detector.pool,
             "concepts_fingerprint": self._concepts.fingerprint(),
             "n_concepts": len(self._concepts),
         }
@@ -215,7 +236,7 @@ class ClipDissect(Detector):
         self.ctx.log(f"clip-dissect: encoding {self.n_images} probe images with {self.clip_model} on {self.ctx.device}")
         loader = torch.utils.data.DataLoader(
             _ClipPixels(self.probe, processor, self.n_images),
-            batch_size=max(1, self.cfg.detector.clip_batch_size),
+            batch_size=max(1, self.options.clip_batch_size),
             shuffle=False,
             num_workers=self.ctx.num_workers,
         )
@@ -237,7 +258,7 @@ class ClipDissectAccumulator(LayerAccumulator):
         self.seen: torch.Tensor | None = None
 
     def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
-        pooled = pool_activations(acts, self.n_units, self.detector.cfg.detector.pool).float()
+        pooled = pool_activations(acts, self.n_units, self.detector.pool).float()
         n = self.detector.n_images
         if self.values is None:
             self.values = torch.zeros(n, self.n_units, device=pooled.device)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..concepts import ConceptSet
+from ..config import ConfigError, DetectorOptions
 from ..store import write_json
 from . import register_detector
 from .base import Detector, DetectorError, LayerAccumulator
@@ -171,29 +171,35 @@ def _open_mask_cache(folder: Path, meta: dict) -> MaskCache:
 # ----------------------------------------------------------------------------- the detector
 
 
+@dataclass
+class NetDissectOptions(DetectorOptions):
+    quantile: float = 0.005
+    """A unit is 'on' above its (1 - quantile) activation quantile over the probe set."""
+
+    def check(self) -> None:
+        if not 0 < self.quantile < 1:
+            raise ConfigError(f"quantile: must be between 0 and 1, got {self.quantile}")
+
+
 @register_detector
 class NetDissect(Detector):
     """IoU of each unit's top-quantile region with each concept's mask (score = IoU)."""
 
     name = "netdissect"
+    Options = NetDissectOptions
     default_threshold = 0.04  # Bau et al.: a unit is interpretable when its best IoU >= 0.04
     needs_masks = True
+    uses_probe_labels = True
 
-    def __init__(self, cfg, probe, ctx):
-        super().__init__(cfg, probe, ctx)
-        self.quantile = cfg.detector.quantile
+    def __init__(self, options, probe, concepts, ctx):
+        super().__init__(options, probe, concepts, ctx)
+        self.quantile = self.options.quantile
         self.masks: MaskCache | None = None
         cats = list(probe.category_names)
         self._concept_category = torch.tensor(
             [cats.index(c) if c in cats else 0 for c in probe.concepts.categories], dtype=torch.long
         )
 
-    @property
-    def concepts(self) -> ConceptSet:
-        return self.probe.concepts
-
-    def settings(self) -> dict:
-        return {**super().settings(), "quantile": self.quantile}
 
     def prepare(self) -> None:
         folder = self.ctx.cache_dir / f"masks-{self.probe.fingerprint()}"

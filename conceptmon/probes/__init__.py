@@ -1,43 +1,84 @@
-"""Probe sets behind one registry: ``create_probe(cfg.probe)``, ``list_probes()``."""
+"""Probe sets behind one registry (``PROBES``): ``create_probe(cfg.probe)``, ``list_probes()``.
+
+A probe set is registered as a factory that opens it from the ``probe:`` config section,
+with the options dataclass it accepts and, optionally, the named concept set it offers
+to detectors that take one (``concepts: cifar100``, ``concepts: broden:/path``)::
+
+    @register_probe("mine", options=MineOptions, vocabulary=mine_concepts)
+    def open_mine(cfg: ProbeConfig) -> ProbeSet: ...
+
+Other packages register through the entry-point group ``conceptmon.probes`` (the entry
+point names a ``ProbeType``, or a factory function carrying ``options``/``vocabulary``
+attributes).
+"""
 from __future__ import annotations
 
-import difflib
+from dataclasses import dataclass
 from typing import Callable
 
-from ..config import ProbeConfig
+from ..registry import Registry, RegistryError, origin_of
 from .base import Annotation, ProbeError, ProbeSet
 
-_REGISTRY: dict[str, Callable[[ProbeConfig], ProbeSet]] = {}
+
+@dataclass(frozen=True)
+class ProbeType:
+    """A registered probe set: how to open it, what options it takes, what words it offers."""
+
+    name: str
+    open: Callable
+    options: type | None = None
+    """Dataclass of the options next to ``name`` in ``probe:`` (beyond root, image_size, mean, std, limit)."""
+    vocabulary: Callable | None = None
+    """``vocabulary(argument, probe) -> ConceptSet`` for ``concepts: <name>[:argument]``."""
+
+    def __call__(self, cfg):
+        return self.open(cfg)
 
 
-def register_probe(name: str):
+def _as_probe_type(name: str, obj) -> ProbeType:
+    if isinstance(obj, ProbeType):
+        return obj
+    if callable(obj):
+        return ProbeType(name, obj, getattr(obj, "options", None), getattr(obj, "vocabulary", None))
+    raise RegistryError(f"probe.name: {name} is not a probe factory")
+
+
+class _ProbeRegistry(Registry[ProbeType]):
+    def _add(self, name, obj, source):
+        super()._add(name, _as_probe_type(name, obj), source)
+
+    def get(self, name, *, search=()):
+        return _as_probe_type(str(name), super().get(name, search=search))
+
+
+PROBES: Registry[ProbeType] = _ProbeRegistry(
+    "probe set", group="conceptmon.probes", field="probe.name",
+    builtins={
+        "synthetic": "conceptmon.probes.synthetic:synthetic_from_config",
+        "broden": "conceptmon.probes.broden:broden_from_config",
+        "cifar100": "conceptmon.probes.cifar:cifar_from_config",
+        "folder": "conceptmon.probes.folder:folder_from_config",
+    },
+)
+
+
+def register_probe(name: str, *, options: type | None = None, vocabulary: Callable | None = None):
+    """Decorator for a factory ``(ProbeConfig) -> ProbeSet``; returns the factory unchanged."""
+
     def deco(factory):
-        _REGISTRY[name] = factory
+        PROBES.register(name, source=origin_of(factory))(ProbeType(name, factory, options, vocabulary))
         return factory
 
     return deco
 
 
 def list_probes() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return PROBES.names()
 
 
-def create_probe(cfg: ProbeConfig) -> ProbeSet:
-    _load_builtin()
-    if cfg.name not in _REGISTRY:
-        close = difflib.get_close_matches(cfg.name, list(_REGISTRY), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ProbeError(f"probe.name: unknown probe set {cfg.name!r}{hint}; choices: {', '.join(list_probes())}")
-    return _REGISTRY[cfg.name](cfg)
+def create_probe(cfg) -> ProbeSet:
+    return PROBES.get(cfg.name).open(cfg)
 
 
-def _load_builtin() -> None:
-    # Imported lazily so that importing conceptmon stays cheap.
-    import importlib
-
-    for module in ("broden", "synthetic", "cifar", "folder"):
-        importlib.import_module(f"{__name__}.{module}")
-
-
-__all__ = ["Annotation", "ProbeError", "ProbeSet", "create_probe", "list_probes", "register_probe"]
+__all__ = ["Annotation", "PROBES", "ProbeError", "ProbeSet", "ProbeType", "create_probe", "list_probes",
+           "register_probe"]

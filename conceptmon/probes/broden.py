@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from ..concepts import OTHER, ConceptSet, strip_broden_suffix
+from ..concepts import OTHER, ConceptError, ConceptSet, strip_broden_suffix
 from ..config import ProbeConfig
 from . import register_probe
 from .base import Annotation, ProbeError, ProbeSet, open_rgb
@@ -425,7 +425,26 @@ class BrodenProbe(ProbeSet):
         return [p for p in files if p.exists()]
 
 
-@register_probe("broden")
+@dataclass
+class BrodenOptions:
+    split: str | None = None
+    """Keep only rows of this split (e.g. train, val); null keeps all."""
+
+
+def broden_vocabulary(argument: str | None, probe) -> ConceptSet:
+    """``concepts: broden`` (the probe folder's label.csv) or ``concepts: broden:/path/to/broden``."""
+    if argument:
+        return read_broden_concepts(Path(argument).expanduser())
+    root = getattr(probe, "root", None)
+    if root is not None and (Path(root) / "label.csv").is_file():
+        return read_broden_concepts(Path(root))
+    raise ConceptError(
+        f"concepts: broden reads label.csv from the probe folder, but probe {getattr(probe, 'name', None)!r} "
+        f"has none; write concepts: broden:/path/to/broden1_224"
+    )
+
+
+@register_probe("broden", options=BrodenOptions, vocabulary=broden_vocabulary)
 def broden_from_config(cfg: ProbeConfig) -> BrodenProbe:
     if not cfg.root:
         raise ProbeError(f"probe.root: required for probe broden (the folder holding index.csv); {DOWNLOAD_HINT}")

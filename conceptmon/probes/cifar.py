@@ -9,6 +9,7 @@ serves CLIP-Dissect, and its 100 class names are the ``concepts: cifar100`` voca
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,19 @@ class CifarProbe(ProbeSet):
         return [self.split_path, self.meta_path]
 
 
-@register_probe("cifar100")
+@dataclass
+class CifarOptions:
+    split: str | None = None
+    """train | test (null: test)."""
+
+
+def cifar_vocabulary(argument: str | None, probe) -> ConceptSet:
+    """``concepts: cifar100``: the class names (of the probe itself when it is CIFAR-100)."""
+    own = getattr(probe, "label_concepts", None) if getattr(probe, "name", "") == "cifar100" else None
+    return own if isinstance(own, ConceptSet) else cifar100_concepts()
+
+
+@register_probe("cifar100", options=CifarOptions, vocabulary=cifar_vocabulary)
 def cifar_from_config(cfg: ProbeConfig) -> CifarProbe:
     if not cfg.root:
         raise ProbeError(f"probe.root: required for probe cifar100 (the folder holding {FOLDER}); {DOWNLOAD_HINT}")

@@ -28,6 +28,7 @@ For training code: :func:`scene_of`, :func:`texture_of`, :func:`objects_of` and
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from ..concepts import ConceptSet, strip_broden_suffix
-from ..config import ProbeConfig
+from ..config import ConfigError, ProbeConfig
 from . import register_probe
 from .base import ProbeError
 from .broden import BrodenProbe
@@ -599,7 +600,21 @@ class SyntheticProbe(BrodenProbe):
         return super()._fingerprint_files() + [self.root / MARKER]
 
 
-@register_probe("synthetic")
+@dataclass
+class SyntheticOptions:
+    n: int = 1000
+    """Images to generate when ``root`` holds none yet."""
+    seed: int = 0
+    """Generator seed."""
+    split: str | None = None
+    """Keep only rows of this split (train | val); null keeps all."""
+
+    def check(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"n: must be at least 1, got {self.n}")
+
+
+@register_probe("synthetic", options=SyntheticOptions, vocabulary=lambda argument, probe: synthetic_concepts())
 def synthetic_from_config(cfg: ProbeConfig) -> SyntheticProbe:
     """probe.root set: read the set there, or generate one into it when missing or empty
     (n, image_size and seed apply only then); probe.root null: a per-user cache folder."""
