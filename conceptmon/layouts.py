@@ -51,7 +51,7 @@ class ResolvedLayout:
 
 
 def _shape(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def _hint(layer: str, shape, reason: str) -> LayoutError:
@@ -132,8 +132,11 @@ def resolve_layout(spec: LayerSpec, module: torch.nn.Module, shape: tuple[int, .
                                       f"prefix_tokens)")
         prefix, grid = found
         return ResolvedLayout("tokens", int(shape[2]), prefix, grid)
-    raise _hint(layer, shape, "has no unit dimension that conceptmon can dissect" if dims < 2
-                else f"is {dims}-D, which no layout reads")
+    raise LayoutError(
+        f"layer {layer}: output {_shape(shape)} " + ("has no unit dimension (one value per image)" if dims < 2
+                                                     else f"is {dims}-D, which no layout reads")
+        + "; dissect a layer whose output has units: (B, C, H, W), (B, H, W, C), (B, tokens, C) or (B, C)"
+    )
 
 
 def _detect_4d(layer, module, shape, input_hw) -> str:

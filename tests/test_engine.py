@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conceptmon import store
+from conceptmon.checkpoints import CheckpointError
 from conceptmon.config import ConfigError, config_from_dict
 from conceptmon.engine import ActivationError, dissect_run
 from conceptmon.hooks import LayerError
@@ -60,7 +61,7 @@ def test_rerun_skips_force_redoes_and_changed_config_is_refused(array_probe_conf
 
 def test_epoch_selection_and_shards(array_probe_config, tiny_ckpts, tmp_path):
     assert run(array_probe_config, tiny_ckpts, tmp_path / "a", epochs=[2, 0]) == [0, 2]
-    with pytest.raises(Exception, match=r"no checkpoint for epochs \[7\]; available: \[0, 1, 2\]"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint for epochs \[7\]; available: \[0, 1, 2\]"):
         run(array_probe_config, tiny_ckpts, tmp_path / "b", epochs=[7])
     assert run(array_probe_config, tiny_ckpts, tmp_path / "c", shard=(1, 2)) == [1]
     assert run(array_probe_config, tiny_ckpts, tmp_path / "c", shard=(0, 2)) == [0, 2]
@@ -127,3 +128,53 @@ def test_linear_layers_are_dissected_as_whole_image_units(array_probe_config, ti
     df = store.read_dissect(tmp_path / "out")
     head = df[df.layer == "head"]
     assert sorted(head.neuron.unique()) == [0, 1, 2] and len(head) == 3 * 3
+
+
+def test_several_checkpoints_per_pass_give_the_same_tables(array_probe_config, tiny_ckpts, tmp_path):
+    one = {**array_probe_config, "run": "same"}
+    assert run(one, tiny_ckpts, tmp_path / "one", checkpoints_per_pass=1) == [0, 1, 2]
+    assert run(one, tiny_ckpts, tmp_path / "all", checkpoints_per_pass=3) == [0, 1, 2]
+    pd.testing.assert_frame_equal(store.read_dissect(tmp_path / "one"), store.read_dissect(tmp_path / "all"))
+    pd.testing.assert_frame_equal(store.read_top_images(tmp_path / "one"), store.read_top_images(tmp_path / "all"))
+    for e in (0, 1, 2):  # byte-identical tables, so the records agree too
+        assert (store.read_json(store.epoch_record_path(tmp_path / "one", e))["tables"]
+                == store.read_json(store.epoch_record_path(tmp_path / "all", e))["tables"])
+
+
+def test_force_with_some_epochs_and_a_changed_config_is_refused(array_probe_config, tiny_ckpts, tmp_path):
+    out = tmp_path / "out"
+    run(array_probe_config, tiny_ckpts, out)
+    changed = {**array_probe_config, "probe": {**array_probe_config["probe"], "limit": 8}}
+    with pytest.raises(ConfigError, match=r"epochs \[1, 2\] were made with another config \(.*probe\.n_images: "
+                                          r"12 -> 8\) and would stay beside the redone ones"):
+        run(changed, tiny_ckpts, out, epochs=[0], force=True)
+    assert store.check_dissect_lineage(out)  # nothing was mixed
+    assert run(changed, tiny_ckpts, out, force=True) == [0, 1, 2]  # all redone: consistent again
+    assert len(store.read_dissect(out).neuron.unique()) == 6
+
+
+def test_a_changed_or_truncated_table_is_redone(array_probe_config, tiny_ckpts, tmp_path):
+    out = tmp_path / "out"
+    run(array_probe_config, tiny_ckpts, out)
+    path = store.dissect_path(out, 1)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(store.StaleError, match=r"epoch_0001.parquet: does not match its record"):
+        store.read_dissect(out)
+    assert run(array_probe_config, tiny_ckpts, out) == [1]
+    assert len(store.read_dissect(out)) == 3 * 2 * 6 * 3
+
+
+def test_everything_that_changes_results_is_in_the_fingerprint(array_probe_config, tmp_path):
+    from conceptmon.engine import Dissector
+
+    def fp(**change):
+        cfg = config_from_dict({**array_probe_config, **change})
+        return Dissector(cfg, tmp_path / "x", model=TinyConv(), log=lambda m: None).fingerprint
+
+    base = fp()
+    assert fp(device="cpu", batch_size=3, num_workers=0, run="other") == base  # not results
+    for change in ({"amp": True}, {"top_k": 2}, {"trust": {"replicates": 3}}, {"trust": {"seed": 1}},
+                   {"detector": {"quantile": 0.1}}, {"detector": {"threshold": 0.2}},
+                   {"layers": ["conv1"]}, {"probe": {**array_probe_config["probe"], "limit": 5}},
+                   {"probe": {**array_probe_config["probe"], "std": [0.5, 0.5, 0.5]}}):
+        assert fp(**change) != base, change

@@ -106,13 +106,16 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--num-workers", type=int, default=None, help="Data-loading worker processes.")
 @click.option("--amp", is_flag=True, default=None, help="Mixed-precision forward passes (CUDA).")
 @click.option("--shard", default=None, help="I/N: process every N-th checkpoint starting at I (array jobs).")
+@click.option("--checkpoints-per-pass", type=click.IntRange(min=1), default=None,
+              help="Checkpoints whose models share one decode of the probe set (default: as many as a quarter "
+                   "of the free device memory holds, at most 8).")
 @click.option("--force", is_flag=True, help="Redo epochs already dissected (also after a config change).")
 @click.option("--trust-checkpoints", is_flag=True,
               help="Allow checkpoints that pickle whole modules (runs code from the file: trusted sources only).")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors.")
 @fail_cleanly
-def dissect(config_path, ckpts, out, layers, epochs, device, batch_size, limit, num_workers, amp, shard, force,
-            trust_checkpoints, quiet):
+def dissect(config_path, ckpts, out, layers, epochs, device, batch_size, limit, num_workers, amp, shard,
+            checkpoints_per_pass, force, trust_checkpoints, quiet):
     """Label every neuron of the configured layers in every checkpoint with its top-k concepts.
 
     Writes OUT/dissect/epoch_NNNN.parquet (+ top images) per epoch; re-runs skip finished epochs.
@@ -138,6 +141,7 @@ def dissect(config_path, ckpts, out, layers, epochs, device, batch_size, limit, 
         force=force,
         shard=_parse_shard(shard),
         trust_checkpoints=trust_checkpoints,
+        checkpoints_per_pass=checkpoints_per_pass,
         log=log,
     )
     log(f"dissected {len(written)} checkpoint(s)")
