@@ -82,22 +82,26 @@ def soft_wpmi(
     p_start: float = 0.998,
     p_end: float = 0.97,
     min_prob: float = 1e-7,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft weighted pointwise mutual information (CLIP-Dissect's default).
 
     P = softmax(a·C) over concepts. For neuron j with top-k images r (descending
     activation), L[j, m] = Σ_r log(1 − p_r + p_r·P[r, m] + min_prob), p_r falling linearly
     from p_start to p_end; then S = L − lam·log p(m) (see :func:`pmi_from_likelihood`).
-    With fewer than ``top_k`` images, k is the number of images.
+    With fewer than ``top_k`` images, k is the number of images. ``columns`` computes only
+    those concepts' columns (exactly as in the full result: P is normalised over all).
     """
     C, A = _prepare(clip_sim, activations)
     k = min(int(top_k), A.shape[0])
     P = torch.softmax(a * C, dim=1)
+    if columns is not None:
+        P = P[:, columns.to(P.device)]
     top = A.topk(k, dim=0).indices  # (k, J)
     p = top_image_weights(k, p_start, p_end, device=A.device).view(1, k, 1)
     offset = 1.0 - p + min_prob
-    L = torch.empty(A.shape[1], C.shape[1], device=A.device)
-    for chunk in _neuron_chunks(A.shape[1], k * C.shape[1]):
+    L = torch.empty(A.shape[1], P.shape[1], device=A.device)
+    for chunk in _neuron_chunks(A.shape[1], k * P.shape[1]):
         block = _gather_top(P, top[:, chunk])  # (Jc, k, M)
         L[chunk] = block.mul_(p).add_(offset).log_().sum(dim=1)
     return pmi_from_likelihood(L, lam)
@@ -111,15 +115,18 @@ def wpmi(
     a: float = 2.0,
     lam: float = 0.6,
     min_prob: float = 1e-7,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted pointwise mutual information: L[j, m] = Σ_r log(P[r, m] + min_prob) over the
     neuron's top-k images, then S = L − lam·log p(m) as in :func:`soft_wpmi`."""
     C, A = _prepare(clip_sim, activations)
     k = min(int(top_k), A.shape[0])
     log_P = torch.softmax(a * C, dim=1).add_(min_prob).log_()
+    if columns is not None:
+        log_P = log_P[:, columns.to(log_P.device)]
     top = A.topk(k, dim=0).indices
-    L = torch.empty(A.shape[1], C.shape[1], device=A.device)
-    for chunk in _neuron_chunks(A.shape[1], k * C.shape[1]):
+    L = torch.empty(A.shape[1], log_P.shape[1], device=A.device)
+    for chunk in _neuron_chunks(A.shape[1], k * log_P.shape[1]):
         L[chunk] = _gather_top(log_P, top[:, chunk]).sum(dim=1)
     return pmi_from_likelihood(L, lam)
 
@@ -199,19 +206,31 @@ def rank_reorder(
 @dataclass(frozen=True)
 class Similarity:
     """A similarity function declared once: its function (parameters = its keyword-only
-    arguments with defaults) and its default interpretability threshold, a number or
-    ``threshold(n_concepts, params) -> float``."""
+    arguments with defaults), its default interpretability threshold (a number or
+    ``threshold(n_concepts, params) -> float``), and whether each concept's column depends
+    only on that concept's column of C (then a few columns are cheap to compute)."""
 
     name: str
     fn: Callable[..., torch.Tensor]
     threshold: float | Callable[[int, dict], float]
+    column_independent: bool = False
 
     def __call__(self, clip_sim: torch.Tensor, activations: torch.Tensor, **params) -> torch.Tensor:
         return self.fn(clip_sim, activations, **params)
 
     def default_params(self) -> dict:
         sig = inspect.signature(self.fn)
-        return {k: v.default for k, v in sig.parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+        return {k: v.default for k, v in sig.parameters.items()
+                if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "columns"}
+
+    def on_columns(self, clip_sim: torch.Tensor, activations: torch.Tensor, columns: torch.Tensor,
+                   **params) -> torch.Tensor:
+        """S[:, columns], exactly as in the full result, at the cost of those columns where possible."""
+        if "columns" in inspect.signature(self.fn).parameters:
+            return self.fn(clip_sim, activations, columns=columns, **params)
+        if self.column_independent:
+            return self.fn(clip_sim[:, columns.to(clip_sim.device)], activations, **params)
+        return self.fn(clip_sim, activations, **params)[:, columns.to(activations.device)]
 
     def default_threshold(self, n_concepts: int, params: dict) -> float:
         return float(self.threshold(n_concepts, params) if callable(self.threshold) else self.threshold)
@@ -229,11 +248,12 @@ SIMILARITIES: Registry[Similarity] = Registry(
 ``conceptmon.similarities`` (an entry point naming a :class:`Similarity`)."""
 
 
-def register_similarity(name: str, threshold: float | Callable[[int, dict], float]):
+def register_similarity(name: str, threshold: float | Callable[[int, dict], float], *,
+                        column_independent: bool = False):
     """Decorator: declare ``fn`` as similarity ``name`` with its default threshold."""
 
     def deco(fn):
-        SIMILARITIES.register(name)(Similarity(name, fn, threshold))
+        SIMILARITIES.register(name)(Similarity(name, fn, threshold, column_independent))
         return fn
 
     return deco
@@ -246,9 +266,9 @@ def default_params(name: str) -> dict:
 
 register_similarity("soft_wpmi", lambda m, p: chance_pmi_score("soft_wpmi", m, p) + 1.0)(soft_wpmi)
 register_similarity("wpmi", lambda m, p: chance_pmi_score("wpmi", m, p) + 1.0)(wpmi)
-register_similarity("cos_similarity_cubed", 0.2)(cos_similarity_cubed)
-register_similarity("cos_similarity", 0.5)(cos_similarity)
-register_similarity("rank_reorder", -1.0)(rank_reorder)
+register_similarity("cos_similarity_cubed", 0.2, column_independent=True)(cos_similarity_cubed)
+register_similarity("cos_similarity", 0.5, column_independent=True)(cos_similarity)
+register_similarity("rank_reorder", -1.0, column_independent=True)(rank_reorder)
 
 
 # ----------------------------------------------------------------------------- thresholds

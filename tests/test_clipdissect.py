@@ -178,7 +178,7 @@ def test_accumulator_collects_pooled_activations_in_any_order(tiny_clip, tmp_pat
         acc.scores()
     acc.add(maps[order[6:]], order[6:])
     expected = similarity.cos_similarity_cubed(det.clip_sim, maps.mean(dim=(2, 3)))
-    torch.testing.assert_close(acc.scores(), expected)
+    torch.testing.assert_close(acc.scores().scores, expected)
 
 
 def test_pooling_per_output_kind():
@@ -243,7 +243,8 @@ def test_dissect_run_writes_the_shared_schema_and_reuses_the_cache(
             **array_probe_config,
             "probe": {"name": "synthetic", "root": str(tmp_path / "synthetic"), "n": 12, "image_size": 32},
             "concepts": "synthetic",
-            "detector": {"name": "clip-dissect", "clip_model": str(tiny_clip), "params": {"top_k": 4}},
+            "detector": {"name": "clip-dissect", "clip_model": str(tiny_clip), "params": {"top_k": 4},
+                         "interpretable": "threshold"},
         }
     )
     out = tmp_path / "out"
@@ -272,3 +273,56 @@ def test_dissect_run_writes_the_shared_schema_and_reuses_the_cache(
     # Activations are not cached: different weights give different scores.
     a, b = (df[df.epoch == e].sort_values(["layer", "neuron", "rank"]).score.to_numpy() for e in (0, 1))
     assert not np.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- trust
+
+
+def planted(n=400, m=30, j=40, seed=0):
+    """C with one clear concept per planted neuron: neuron i < 10 fires with concept i's CLIP
+    score; the other neurons are noise."""
+    g = torch.Generator().manual_seed(seed)
+    clip_sim = 0.2 + 0.02 * torch.randn(n, m, generator=g)
+    present = torch.rand(n, m, generator=g) < 0.1
+    clip_sim = clip_sim + 0.1 * present
+    acts = torch.rand(n, j, generator=g)
+    acts[:, :10] = present[:, :10].float() * 2 + 0.05 * torch.rand(n, 10, generator=g)
+    return clip_sim, acts
+
+
+def test_bootstrap_confidence_separates_planted_from_noise_and_is_deterministic():
+    from conceptmon.detectors import poisson_weights
+    from conceptmon.detectors.clipdissect import bootstrap_similarity
+
+    sim = similarity.SIMILARITIES["soft_wpmi"]
+    clip_sim, acts = planted()
+    scores = sim(clip_sim, acts)
+    weights = poisson_weights(len(acts), 20, seed=3)
+    conf, low, high = bootstrap_similarity(sim, clip_sim, acts, {}, scores, weights)
+    assert (conf[:10] == 1.0).all()  # planted neurons win every resample
+    assert conf[10:].mean() < 0.8  # noise neurons' labels move under resampling
+    best = scores.max(dim=1).values
+    assert ((low <= best + 1e-4) & (best <= high + 1e-4))[:10].all()
+    again = bootstrap_similarity(sim, clip_sim, acts, {}, scores, poisson_weights(len(acts), 20, seed=3))
+    assert all(torch.equal(a, b) for a, b in zip((conf, low, high), again))
+    other = bootstrap_similarity(sim, clip_sim, acts, {}, scores, poisson_weights(len(acts), 20, seed=4))[0]
+    assert not torch.equal(other, conf)
+
+
+@pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "cos_similarity_cubed"])
+def test_columns_are_exactly_the_full_result(name):
+    sim = similarity.SIMILARITIES[name]
+    clip_sim, acts = planted()
+    columns = torch.tensor([3, 0, 17])
+    torch.testing.assert_close(sim.on_columns(clip_sim, acts, columns), sim(clip_sim, acts)[:, columns])
+
+
+def test_null_calibration_flags_planted_neurons_and_few_noise_ones():
+    from conceptmon.detectors.clipdissect import null_threshold
+
+    sim = similarity.SIMILARITIES["soft_wpmi"]
+    clip_sim, acts = planted(j=200)
+    cut = null_threshold(sim, clip_sim, acts, {}, permutations=4, quantile=0.99, seed=0)
+    best = sim(clip_sim, acts).max(dim=1).values
+    assert (best[:10] > cut).all()
+    assert (best[10:] > cut).float().mean() <= 0.05  # about 1 % by construction

@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..registry import Registry, RegistryError
 from .base import (
     Detector, DetectorError, LayerAccumulator, LayerScores, RunContext, TrustSettings, bootstrap_summary,
-    poisson_weights, rank_concepts,
+    poisson_weights, rank_concepts, summarise_replicates,
 )
 
 
@@ -67,5 +67,5 @@ def create_detector(cfg, probe, ctx: RunContext) -> Detector:
 __all__ = [
     "DETECTORS", "Detector", "DetectorError", "LayerAccumulator", "LayerScores", "RunContext", "TrustSettings",
     "bootstrap_summary", "create_detector", "detector_class", "list_detectors", "poisson_weights",
-    "rank_concepts", "register_detector",
+    "rank_concepts", "register_detector", "summarise_replicates",
 ]

@@ -118,13 +118,19 @@ def bootstrap_summary(
     """
     b = replicate_scores.shape[0]
     _, top = rank_concepts(replicate_scores, 1)  # (B, U, 1)
-    confidence = (top[..., 0] == reported[None, :]).float().mean(dim=0)
     idx = reported.view(1, -1, 1).expand(b, -1, 1)
-    own = torch.gather(replicate_scores, 2, idx)[..., 0].float()  # (B, U)
+    own = torch.gather(replicate_scores, 2, idx)[..., 0]  # (B, U)
+    return summarise_replicates(top[..., 0], own, reported, interval)
+
+
+def summarise_replicates(top1: torch.Tensor, own: torch.Tensor, reported: torch.Tensor,
+                         interval: float = 0.9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From each replicate's top-1 concept (B, U) and its score of the reported concept
+    (B, U): the share of replicates agreeing with ``reported`` (U,) and the score interval."""
+    confidence = (top1 == reported.to(top1.device)[None, :]).float().mean(dim=0)
     tail = (1.0 - interval) / 2
-    low = torch.quantile(own, tail, dim=0)
-    high = torch.quantile(own, 1.0 - tail, dim=0)
-    return confidence, low, high
+    own = own.float()
+    return confidence, torch.quantile(own, tail, dim=0), torch.quantile(own, 1.0 - tail, dim=0)
 
 
 class LayerAccumulator(ABC):

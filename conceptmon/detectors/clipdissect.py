@@ -30,7 +30,9 @@ from ..config import ConfigError, DetectorOptions
 from ..registry import did_you_mean
 from ..store import atomic_path
 from . import register_detector
-from .base import Detector, DetectorError, LayerAccumulator
+from .base import (
+    Detector, DetectorError, LayerAccumulator, LayerScores, poisson_weights, rank_concepts, summarise_replicates,
+)
 
 CACHE_FORMAT = 1
 
@@ -125,8 +127,24 @@ class ClipDissectOptions(DetectorOptions):
     """How a map or token sequence becomes one value per image: avg | max over space or patch
     tokens, or cls (the first token of a token sequence)."""
     clip_batch_size: int = 64
+    interpretable: str = "null"
+    """null: interpretable when the best score beats the layer's null (activations paired with
+    permuted images) at ``null_quantile``; threshold: best score >= ``threshold`` (or the
+    similarity's default threshold)."""
+    null_permutations: int = 4
+    null_quantile: float = 0.99
+    bootstrap_candidates: int = 20
+    """Concepts per neuron (its best on the full data) that compete in each bootstrap replicate."""
 
     def check(self) -> None:
+        if self.interpretable not in ("null", "threshold"):
+            raise ConfigError(f"interpretable: expected null or threshold, got {self.interpretable!r}")
+        if self.null_permutations < 1:
+            raise ConfigError(f"null_permutations: must be at least 1, got {self.null_permutations}")
+        if not 0 < self.null_quantile < 1:
+            raise ConfigError(f"null_quantile: must be between 0 and 1, got {self.null_quantile}")
+        if self.bootstrap_candidates < 1:
+            raise ConfigError(f"bootstrap_candidates: must be at least 1, got {self.bootstrap_candidates}")
         if self.pool not in POOLS:
             raise ConfigError(f"pool: expected one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.clip_batch_size < 1:
@@ -165,6 +183,8 @@ class ClipDissect(Detector):
             raise DetectorError(f"concepts: CLIP-Dissect needs at least 2 concepts, got {len(self._concepts)}")
         self.n_images = len(probe)
         self.clip_sim: torch.Tensor | None = None
+        self.null_thresholds: dict[str, float] = {}
+        """Per layer, the null-calibrated cut of the last scoring (``interpretable: null``)."""
 
     @property
     def wants_class_token(self) -> bool:
@@ -271,13 +291,77 @@ class ClipDissectAccumulator(LayerAccumulator):
         self.values[index] = pooled
         self.seen[index] = True
 
-    def scores(self) -> torch.Tensor:
-        n = self.detector.n_images
+    def scores(self) -> LayerScores:
+        det = self.detector
+        n = det.n_images
         missing = n if self.seen is None else int((~self.seen).sum())
         if missing:
             raise DetectorError(f"layer {self.layer}: activations of {missing} of {n} probe images never arrived")
-        self.detector.prepare()
-        return self.detector.similarity_fn(self.detector.clip_sim, self.values, **self.detector.params)
+        det.prepare()
+        C, A = det.clip_sim, self.values
+        scores = det.similarity_fn(C, A, **det.params)
+        # A unit whose pooled activation never varies carries no signal about any image.
+        dead = (A.amax(dim=0) - A.amin(dim=0)) <= 0
+        result = LayerScores(scores=scores, dead=dead)
+        trust = det.ctx.trust
+        if trust.replicates > 0:
+            weights = poisson_weights(n, trust.replicates, trust.seed)
+            result.confidence, result.score_low, result.score_high = bootstrap_similarity(
+                det.similarity_fn, C, A, det.params, scores, weights, candidates=det.options.bootstrap_candidates)
+        if det.options.interpretable == "null":
+            cut = null_threshold(det.similarity_fn, C, A, det.params, permutations=det.options.null_permutations,
+                                 quantile=det.options.null_quantile, seed=trust.seed)
+            result.interpretable = rank_concepts(scores, 1)[0][:, 0] > cut
+            det.null_thresholds[self.layer] = float(cut)
+        return result
+
+
+# ----------------------------------------------------------------------------- trust
+
+
+def bootstrap_similarity(sim, clip_sim: torch.Tensor, acts: torch.Tensor, params: dict, scores: torch.Tensor,
+                         weights: torch.Tensor, candidates: int = 20):
+    """Confidence and 90 % score interval per neuron by resampling the probe images.
+
+    Each replicate draws every image Poisson(1) times (``weights``, (B, N)) and recomputes
+    the similarity on the resampled images (an image drawn twice takes two of a neuron's
+    top-image slots). To stay cheap the replicates are computed on the union of every
+    neuron's ``candidates`` best concepts of the full data (exactly, see
+    ``Similarity.on_columns``); a concept outside that union is taken never to win a
+    replicate. Returns (confidence, low, high), each (J,).
+    """
+    n_neurons, n_concepts = scores.shape
+    reported = rank_concepts(scores, 1)[1][:, 0]
+    top = rank_concepts(scores, min(candidates, n_concepts))[1]
+    columns, position = torch.unique(top.flatten(), return_inverse=True)
+    position = position.view(top.shape)
+    reported_col = position[:, 0]  # the reported concept's place among the columns
+    top1, own = [], []
+    for w in weights.to(torch.long):
+        index = torch.repeat_interleave(torch.arange(len(w)), w).to(acts.device)
+        if index.numel() < 2:
+            index = torch.arange(len(w), device=acts.device)
+        s = sim.on_columns(clip_sim[index], acts[index], columns, **params)
+        # Only a neuron's own candidates compete for its top-1 in a replicate.
+        own_cols = torch.full_like(s, -torch.inf)
+        own_cols.scatter_(1, position.to(s.device), s.gather(1, position.to(s.device)))
+        top1.append(rank_concepts(own_cols, 1)[1][:, 0])
+        own.append(s.gather(1, reported_col.to(s.device)[:, None])[:, 0])
+    del reported
+    return summarise_replicates(torch.stack(top1), torch.stack(own), reported_col.to(scores.device))
+
+
+def null_threshold(sim, clip_sim: torch.Tensor, acts: torch.Tensor, params: dict, *, permutations: int,
+                   quantile: float, seed: int) -> float:
+    """The ``quantile`` of the best score a neuron reaches when its activations are paired
+    with the wrong images (rows of A permuted): a per-layer score that chance alone beats
+    with probability 1 - quantile. A neuron is interpretable above it."""
+    generator = torch.Generator().manual_seed(int(seed) + 7919)
+    best = []
+    for _ in range(max(1, permutations)):
+        perm = torch.randperm(acts.shape[0], generator=generator).to(acts.device)
+        best.append(sim(clip_sim, acts[perm], **params).amax(dim=1))
+    return float(torch.quantile(torch.cat(best).float(), quantile))
 
 
 # ----------------------------------------------------------------------------- cache files
