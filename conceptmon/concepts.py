@@ -22,6 +22,13 @@ class ConceptError(ConceptmonError):
     """A concept file or concept-set name that cannot be used."""
 
 
+def normalise_name(name: str) -> str:
+    """How names are compared (class names vs concept names): Broden suffix dropped,
+    lower case, ``_`` and ``-`` as spaces, whitespace collapsed (``Living_Room-s`` -> ``living room``)."""
+    text = strip_broden_suffix(str(name)).lower().replace("_", " ").replace("-", " ")
+    return " ".join(text.split())
+
+
 def strip_broden_suffix(name: str) -> str:
     """``red-c`` -> ``red``; Broden marks some names with a one-letter category suffix."""
     return _SUFFIX.sub("", name.strip())

@@ -518,11 +518,10 @@ class Dissector:
                 return False
         return True
 
-    def _prepare(self) -> None:
-        if self._loader is not None:
-            return
+    def manifest(self) -> dict:
+        """The run manifest: config, the fingerprinted settings, concept set, probe, layouts."""
         concepts = self.detector.concepts
-        manifest = {
+        return {
             "run": run_name(self.cfg, self.out),
             "config": self.cfg.to_dict(),
             "config_fingerprint": self.fingerprint,
@@ -537,10 +536,19 @@ class Dissector:
             "checkpoints": self.checkpoints,
             "versions": versions(),
         }
-        store.write_json(self.out / store.MANIFEST, manifest)
-        self.run = manifest["run"]
-        self.detector.prepare()
-        self._loader = make_loader(self.probe, self.cfg, self.device)
+
+    def _prepare(self) -> None:
+        """Probe-level work (masks, CLIP features) and the loader: once per Dissector."""
+        if self._loader is None:
+            self.detector.prepare()
+            self._loader = make_loader(self.probe, self.cfg, self.device)
+
+    def label(self, models: list[torch.nn.Module], label: str = "pass") -> list[dict[str, LayerResult]]:
+        """Each model's per-layer results from one pass over the probe set; writes nothing."""
+        self._prepare()
+        return collect_passes(models, self.layers, self._loader, self.detector, self.device, layouts=self.layouts,
+                              amp=self.cfg.amp, mean=self.cfg.probe.mean, std=self.cfg.probe.std,
+                              progress=self._progress(label))
 
     def _progress(self, label: str, every_s: float = 10.0) -> Callable[[int, int], None]:
         """Logs how far the pass is every ``every_s`` seconds, so long runs show life."""
@@ -557,10 +565,11 @@ class Dissector:
     # ------------------------------------------------------------------------- dissecting
 
     def _pass(self, models: list[torch.nn.Module], label: str) -> list[dict[str, LayerResult]]:
-        self._prepare()
-        return collect_passes(models, self.layers, self._loader, self.detector, self.device, layouts=self.layouts,
-                              amp=self.cfg.amp, mean=self.cfg.probe.mean, std=self.cfg.probe.std,
-                              progress=self._progress(label))
+        if not getattr(self, "_manifest_written", False):
+            manifest = self.manifest()
+            store.write_json(self.out / store.MANIFEST, manifest)
+            self.run, self._manifest_written = manifest["run"], True
+        return self.label(models, label)
 
     def _write_epoch(self, epoch: int, source: str, sha: str, results: dict[str, LayerResult],
                      seconds: float) -> tuple[pd.DataFrame, dict]:
@@ -645,11 +654,7 @@ class Dissector:
             chunk = todo[start:start + group]
             models = []
             for ckpt, _ in chunk:
-                model = self.model if not models else copy.deepcopy(self.model)
-                state = load_state_dict(ckpt.path, trust)
-                apply_state_dict(model, state, ckpt.path)
-                del state
-                models.append(model)
+                models.append(self.load(ckpt, trust, fresh=bool(models)))
             epochs = [c.epoch for c, _ in chunk]
             names = ", ".join(c.path.name for c, _ in chunk)
             self.log(f"epoch{'s' if len(chunk) > 1 else ''} {', '.join(map(str, epochs))}: dissecting {names} "
@@ -662,6 +667,13 @@ class Dissector:
                 done.append(ckpt.epoch)
             del models, results
         return done
+
+    def load(self, ckpt: CheckpointFile, trust: bool = False, fresh: bool = False) -> torch.nn.Module:
+        """The model with ``ckpt``'s weights (``fresh``: a copy, so several can be held at once)."""
+        model = copy.deepcopy(self.model) if fresh else self.model
+        state = load_state_dict(ckpt.path, trust)
+        apply_state_dict(model, state, ckpt.path)
+        return model
 
     def dissect_file(self, ckpt: CheckpointFile, trust: bool = False) -> bool:
         """Dissect one checkpoint file unless already done; True when it was dissected now."""

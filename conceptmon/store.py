@@ -10,6 +10,7 @@ Everything conceptmon writes lives under one output folder::
     OUT/embed/current.json                    points at the current embed generation, with its inputs
     OUT/embed/<generation>/neurons.parquet    EMBED_NEURONS schema (and anchors, neuron_anchor_distance)
     OUT/stats/current.json, OUT/stats/<generation>/<table>.parquet   statistics tables
+    OUT/validate.json                         final-layer accuracy of the detector (conceptmon validate)
     OUT/plots/*.html                          interactive figures
     OUT/report.html                           one self-contained report
 
@@ -44,6 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "conceptmon.json"
+VALIDATE = "validate.json"
+"""``conceptmon validate``'s last result (final-layer accuracy per epoch)."""
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,0 +1,89 @@
+"""conceptmon validate: final-layer accuracy on a classifier whose units are known."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conceptmon.cli import main
+from conceptmon.concepts import normalise_name
+from conceptmon.config import config_from_dict
+from conceptmon.probes.synthetic import PALETTE, generate_synthetic
+from conceptmon.validate import ValidateError, read_classes, validate_run
+
+COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
+
+
+class ColourClassifier(torch.nn.Module):
+    """A 'classifier' whose output unit i lights up on the pixels of colour i (input in [0, 1])."""
+
+    def __init__(self, colours=tuple(COLOURS)):
+        super().__init__()
+        self.register_buffer("rgb", torch.tensor([PALETTE[c] for c in colours], dtype=torch.float32) / 255)
+        self.fc = torch.nn.Identity()
+
+    def forward(self, x):
+        distance = (x[:, None] - self.rgb[None, :, :, None, None]).abs().amax(dim=2)  # (B, classes, H, W)
+        return self.fc(torch.nn.functional.avg_pool2d((distance < 1e-3).float(), 2))
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    base = tmp_path_factory.mktemp("validate")
+    probe = generate_synthetic(base / "probe", n=60, size=32, seed=0)
+    ckpts = base / "ckpts"
+    ckpts.mkdir()
+    torch.save({"epoch": 3, "state_dict": ColourClassifier().state_dict()}, ckpts / "epoch_0003.pt")
+    cfg = config_from_dict({"model": {"arch": "tests.test_validate:ColourClassifier"}, "layers": ["fc"],
+                            "probe": {"name": "synthetic", "root": str(probe), "mean": [0, 0, 0], "std": [1, 1, 1]},
+                            "checkpoints": str(ckpts), "out": str(base / "out"), "trust": {"replicates": 0}})
+    return cfg, base
+
+
+def test_units_named_by_their_classes_score_one_and_a_shuffle_fails(run_folder):
+    cfg, base = run_folder
+    report = validate_run(cfg, layer="fc", classes=COLOURS, log=lambda m: None)
+    (row,) = report["results"]
+    assert (row["epoch"], row["n_units"], row["top1"], row["top5"]) == (3, 6, 1.0, 1.0)
+    assert row["misses"] == [] and (base / "out" / "validate.json").exists()
+    shuffled = COLOURS[1:] + COLOURS[:1]
+    (wrong,) = validate_run(cfg, layer="fc", classes=shuffled, log=lambda m: None)["results"]
+    assert wrong["top1"] == 0.0 and len(wrong["misses"]) == 6
+
+
+def test_unknown_classes_are_reported_not_dropped(run_folder):
+    cfg, _ = run_folder
+    classes = ["red", "green", "blue", "yellow", "white", "unicorn"]
+    (row,) = validate_run(cfg, layer="fc", classes=classes, log=lambda m: None)["results"]
+    assert row["n_units"] == 6 and row["top1"] == pytest.approx(5 / 6)
+    assert row["not_in_concepts"] == ["unicorn"]
+    assert row["misses"][0]["class"] == "unicorn" and row["misses"][0]["in_concepts"] is False
+
+
+def test_wrong_number_of_classes_is_one_line(run_folder):
+    cfg, _ = run_folder
+    with pytest.raises(ValidateError, match=r"^layer fc: has 6 units but 2 class names were given"):
+        validate_run(cfg, layer="fc", classes=["red", "green"], log=lambda m: None)
+
+
+def test_cli_json_and_class_files(run_folder, tmp_path):
+    cfg, base = run_folder
+    config = tmp_path / "c.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(COLOURS) + "\n")
+    result = CliRunner().invoke(main, ["validate", "--config", str(config), "--layer", "fc",
+                                       "--classes", str(classes), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["results"][0]["top1"] == 1.0 and data["results"][0]["layer"] == "fc"
+    bad = CliRunner().invoke(main, ["validate", "--config", str(config), "--layer", "fc", "--classes", "nope.txt"])
+    assert bad.exit_code == 1 and "nope.txt is not a file" in bad.output
+
+
+def test_name_normalisation():
+    assert normalise_name("Living_Room-s") == "living room"
+    assert normalise_name("red-c") == "red" and normalise_name(" Sea  Floor ") == "sea floor"
+    assert read_classes("a, b ,c") == ["a", "b", "c"]
