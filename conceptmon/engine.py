@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from . import __version__, store
-from .checkpoints import CheckpointError, CheckpointFile, apply_state_dict, file_sha256, find_checkpoints, load_state_dict
+from .checkpoints import CheckpointError, CheckpointFile, WeightLoader, checkpoint_sha256, find_checkpoints
 from .config import Config, ConfigError, resolve_out, run_name
 from .detectors import Detector, LayerScores, RunContext, TrustSettings, create_detector, rank_concepts
 from .errors import ConceptmonError
@@ -370,7 +370,8 @@ class Dissector:
         self.out = resolve_out(cfg, str(out) if out else None)
         self.log = log
         self.force = force
-        self.model = model if model is not None else build_model(cfg.model)
+        # [h3] specs and hf: folders are also looked up beside the config file
+        self.model = model if model is not None else build_model(cfg.model, config_path=cfg.source)
         resolve_layers(self.model, cfg.layers)
         if model is not None:  # a live training model stays where it is
             param = next(model.parameters(), None)
@@ -387,6 +388,7 @@ class Dissector:
         self.fingerprint = config_fingerprint(cfg)
         _check_previous(self.out, self.fingerprint, cfg, force)
         self.checkpoints = str(Path(checkpoints).resolve()) if checkpoints else "(in memory)"
+        self.weights = WeightLoader(self.model, log)  # [h3] transformers models load via from_pretrained
         self._loader = None
 
     def is_done(self, epoch: int, sha: str) -> bool:
@@ -459,13 +461,11 @@ class Dissector:
 
     def dissect_file(self, ckpt: CheckpointFile, trust: bool = False) -> bool:
         """Dissect one checkpoint file unless already done; True when it was dissected now."""
-        sha = file_sha256(ckpt.path)
+        sha = checkpoint_sha256(ckpt.path)  # [h3] a file, or a Hugging Face folder's weight files
         if self.is_done(ckpt.epoch, sha):
             self.log(f"epoch {ckpt.epoch}: already dissected, skipping (--force redoes it)")
             return False
-        state = load_state_dict(ckpt.path, trust)
-        apply_state_dict(self.model, state, ckpt.path)
-        del state
+        self.weights.load(ckpt.path, trust)  # [h3]
         self.log(f"epoch {ckpt.epoch}: dissecting {ckpt.path.name} on {self.device} ({len(self.probe)} probe images)")
         self.dissect_current(ckpt.epoch, str(ckpt.path.resolve()), sha)
         return True
