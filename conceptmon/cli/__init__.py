@@ -24,4 +24,5 @@ from . import embed  # noqa: E402,F401
 from . import probe  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import export  # noqa: E402,F401
+from . import slurm  # noqa: E402,F401
 # [commands: add one import line per command module above this marker]
