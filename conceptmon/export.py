@@ -159,7 +159,9 @@ def _write_projector(run_dir: Path, neurons: pd.DataFrame, vectors: np.ndarray, 
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
     meta = projector_rows(neurons, dissect)  # row i describes vectors[i]
-    anchor_vectors = np.stack(anchors["embedding"].to_numpy()).astype(np.float32) if anchors is not None and len(anchors) else None
+    anchor_vectors = None
+    if anchors is not None and len(anchors):
+        anchor_vectors = np.stack(anchors["embedding"].to_numpy()).astype(np.float32)
     config = ProjectorConfig()
     epochs = sorted(int(e) for e in pd.unique(meta["epoch"]))
     for epoch in epochs:

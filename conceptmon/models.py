@@ -78,9 +78,11 @@ def _hf_factory(name: str, search: Iterable[Path]) -> Callable[..., torch.nn.Mod
             ) from None
         for key, value in overrides.items():
             if not hasattr(config, key):
+                settings = [*vars(config), *(n for n in dir(type(config))
+                                             if isinstance(getattr(type(config), n, None), property))]
                 raise ModelError(
                     f"model.kwargs: {key!r} is not a setting of {type(config).__name__} "
-                    f"(model.kwargs of hf: models override config.json entries){did_you_mean(key, vars(config))}"
+                    f"(model.kwargs of hf: models override config.json entries){did_you_mean(key, settings)}"
                 )
             setattr(config, key, value)
         architecture = (getattr(config, "architectures", None) or [None])[0]

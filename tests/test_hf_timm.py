@@ -201,7 +201,8 @@ def test_hf_kwargs_override_the_config_and_typos_are_named(tmp_path):
     model = build_model(config_from_dict({"model": {"arch": f"hf:{folder}", "kwargs": {"num_labels": 5}},
                                           "layers": ["x"]}).model)
     assert model.classifier[-1].out_features == 5
-    with pytest.raises(ModelError, match=r"model.kwargs: 'num_label' is not a setting of ResNetConfig"):
+    with pytest.raises(ModelError, match=r"model.kwargs: 'num_label' is not a setting of ResNetConfig "
+                                         r".* \(did you mean num_labels"):
         build_model(config_from_dict({"model": {"arch": f"hf:{folder}", "kwargs": {"num_label": 5}},
                                       "layers": ["x"]}).model)
 
