@@ -20,7 +20,6 @@ import torch
 
 from .config import Config, config_from_dict, load_config
 from .engine import Dissector, state_sha256
-from .errors import ConceptmonError
 
 
 @dataclass

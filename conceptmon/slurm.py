@@ -13,7 +13,6 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import ConceptmonError
 

@@ -5,9 +5,7 @@ Tiny random models are written with ``save_pretrained``; nothing is downloaded.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from conceptmon.cli import main
-from conceptmon.slurm import SlurmError, SlurmOptions, render, sbatch_lines
+from conceptmon.slurm import SlurmError, SlurmOptions, render
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "scripts" / "slurm_dissect.sbatch"
@@ -90,6 +90,12 @@ def test_bad_options_are_one_line(tmp_path, monkeypatch, args, message):
     assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "slurm-logs").exists()  # nothing written
+
+
+def test_library_options_are_checked_like_the_command():
+    with pytest.raises(SlurmError, match=r"--partition: expected a partition name"):
+        SlurmOptions(partition="gpu; rm -rf /")
+    assert SlurmOptions(partition="gpu,a100").partition == "gpu,a100"
 
 
 def test_generated_scripts_pass_bash_syntax_check(tmp_path):
