@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pathlib
 import pickle
 import re
 import sys
@@ -44,6 +45,9 @@ HF_STEP_FOLDER = "checkpoint-"
 NOT_WEIGHTS = ("training_args.bin",)
 """Files with a checkpoint extension that never hold model weights (the Trainer's arguments)."""
 LIGHTNING_KEY = "pytorch-lightning_version"
+SAFE_GLOBALS = (pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath)
+"""Harmless classes that training scripts pickle beside the weights (Lightning's saved
+hyperparameters often hold a ``data_dir`` path): allowed under weights_only loading."""
 EPOCH_TOLERANCE = 1e-6
 """Trainer epochs are float sums: 1.9999999 still means two completed epochs."""
 
@@ -79,11 +83,14 @@ def _read_raw(path: Path, trust: bool, mmap: bool = False):
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not trust and "weights_only" in str(e):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = found.group(1) if found else "a whole model?"
             raise CheckpointError(
-                f"{path}: holds pickled Python objects (a whole model?), which weights_only loading "
+                f"{path}: holds pickled Python objects ({what}), which weights_only loading "
                 f"refuses; re-save it as a state_dict, or pass --trust-checkpoints if you trust its source"
             ) from None
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None

@@ -198,6 +198,21 @@ def test_lightning_epochs_count_completed_epochs(tmp_path, model):
     assert read_epoch(tmp_path / "plain.pt") == 3
 
 
+def test_saved_hyperparameter_paths_load_but_other_objects_are_named(tmp_path, model):
+    import argparse
+    from pathlib import PurePosixPath
+
+    path = tmp_path / "epoch=0-step=5.ckpt"
+    torch.save(lightning_file(model.state_dict(), epoch=0, processed=1,
+                              hyper_parameters={"data_dir": PurePosixPath("/data/x"), "lr": 0.1}), path)
+    assert read_epoch(path) == 1 and len(load_state_dict(path)) == len(model.state_dict())
+    torch.save(lightning_file(model.state_dict(), epoch=0, processed=1,
+                              hyper_parameters={"args": argparse.Namespace(lr=0.1)}), path)
+    with pytest.raises(CheckpointError, match=r"holds pickled Python objects \(argparse.Namespace\), which "
+                                              r"weights_only loading refuses; .* --trust-checkpoints"):
+        read_epoch(path)
+
+
 def test_lightning_last_ckpt_copy_is_skipped_but_a_unique_one_kept(tmp_path, model):
     sd = model.state_dict()
     torch.save(lightning_file(sd, epoch=0, processed=1), tmp_path / "epoch=0-step=5.ckpt")
