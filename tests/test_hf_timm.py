@@ -93,6 +93,15 @@ def test_vit_saved_by_transformers_loads_from_folder_and_plain_file(tmp_path):
     other = tiny_vit(seed=2)
     WeightLoader(other, log=lambda m: None).load(plain)
     assert same_weights(other, saved)
+    # An older Trainer's checkpoint-N/: pytorch_model.bin with the legacy names, and trainer_state.json.
+    old_trainer = tmp_path / "old" / "checkpoint-40"
+    old_trainer.mkdir(parents=True)
+    torch.save(load_file(str(folder / "model.safetensors")), old_trainer / "pytorch_model.bin")
+    (old_trainer / "trainer_state.json").write_text(json.dumps({"epoch": 4.0, "global_step": 40}))
+    assert [(c.path.name, c.epoch) for c in find_checkpoints(tmp_path / "old")] == [("checkpoint-40", 4)]
+    third = tiny_vit(seed=3)
+    WeightLoader(third, log=lambda m: None).load(old_trainer)
+    assert same_weights(third, saved)
 
 
 def test_vit_tokens_dissect_with_clip_pooling(tmp_path, probe_root):
