@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from . import __version__, store
-from .checkpoints import CheckpointError, CheckpointFile, apply_state_dict, file_sha256, find_checkpoints, load_state_dict
+from .checkpoints import CheckpointError, CheckpointFile, WeightLoader, checkpoint_sha256, find_checkpoints
 from .config import Config, ConfigError, LayerSpec, resolve_out, run_name
 from .detectors import Detector, LayerScores, RunContext, TrustSettings, create_detector, rank_concepts
 from .devices import available_bytes, resolve_device
@@ -448,7 +448,8 @@ class Dissector:
         self.log = log
         self.force = force
         self.live = model is not None
-        self.model = model if model is not None else build_model(cfg.model, base=cfg.base_dir)
+        # specs and hf: folders are also looked up beside the config file
+        self.model = model if model is not None else build_model(cfg.model, config_path=cfg.source)
         self.layers = [str(layer) for layer in cfg.layers]
         resolve_layers(self.model, self.layers)
         if model is not None:  # a live training model stays where it is
@@ -473,6 +474,7 @@ class Dissector:
         self.settings = results_settings(cfg, self.probe, self.detector, self.layouts)
         self.fingerprint = fingerprint_of(self.settings)
         self.checkpoints = str(Path(checkpoints).resolve()) if checkpoints else "(in memory)"
+        self.weights = WeightLoader(self.model, log)  # [h3] transformers models load via from_pretrained
         self._loader = None
 
     # ------------------------------------------------------------------------- the folder
@@ -638,7 +640,7 @@ class Dissector:
         self.check_folder([f.epoch for f in files])
         todo = []
         for ckpt in files:
-            sha = file_sha256(ckpt.path)
+            sha = checkpoint_sha256(ckpt.path)  # a file, or a Hugging Face folder's weight files
             if self.is_done(ckpt.epoch, sha):
                 self.log(f"epoch {ckpt.epoch}: already dissected, skipping (--force redoes it)")
             else:
@@ -671,8 +673,7 @@ class Dissector:
     def load(self, ckpt: CheckpointFile, trust: bool = False, fresh: bool = False) -> torch.nn.Module:
         """The model with ``ckpt``'s weights (``fresh``: a copy, so several can be held at once)."""
         model = copy.deepcopy(self.model) if fresh else self.model
-        state = load_state_dict(ckpt.path, trust)
-        apply_state_dict(model, state, ckpt.path)
+        self.weights.load(ckpt.path, trust, model=model)
         return model
 
     def dissect_file(self, ckpt: CheckpointFile, trust: bool = False) -> bool:

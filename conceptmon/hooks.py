@@ -1,6 +1,8 @@
 """Capture several layers' outputs in one forward pass, with hooks that are always removed."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .errors import ConceptmonError
@@ -28,6 +30,20 @@ def resolve_layers(model: torch.nn.Module, names: list[str]) -> dict[str, torch.
             raise LayerError(f"layers: no layer named {name!r} in this model{hint}")
         found[name] = modules[name]
     return found
+
+
+def primary_output(output):
+    """The tensor a layer's output stands for: the first item of a tuple (attention blocks
+    return (hidden, weights)), or ``last_hidden_state`` (else the first tensor) of a
+    mapping such as a transformers ``ModelOutput``."""
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if isinstance(output, Mapping):
+        hidden = output.get("last_hidden_state")
+        if isinstance(hidden, torch.Tensor):
+            return hidden
+        return next((v for v in output.values() if isinstance(v, torch.Tensor)), output)
+    return output
 
 
 class LayerTrace:
@@ -62,8 +78,7 @@ class LayerTrace:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):  # e.g. attention blocks returning (hidden, weights)
-                output = output[0]
+            output = primary_output(output)
             if name not in self.outputs:  # a module called twice keeps its first output
                 self.outputs[name] = output
             if self.stop_early and len(self.outputs) == len(self.modules):

@@ -20,7 +20,6 @@ import torch
 
 from .config import Config, config_from_dict, load_config
 from .engine import Dissector, state_sha256
-from .errors import ConceptmonError
 
 
 @dataclass
@@ -55,6 +54,12 @@ class Monitor:
         table, summary = self._dissector.dissect_current(int(epoch), "(in memory)", state_sha256(model))
         return Observation(int(epoch), table, summary)
 
+    def detector_categories(self) -> tuple[str, ...]:
+        """The concept categories of the detector in use (empty before the first observation)."""
+        if self._dissector is None:
+            return ()
+        return tuple(dict.fromkeys(self._dissector.detector.concepts.categories))
+
     @property
     def output(self) -> Path:
         if self._dissector is None:
@@ -65,34 +70,13 @@ class Monitor:
 
 
 def lightning_callback(config: Config | dict | str | Path, out: str | Path | None = None,
-                       every_n_epochs: int = 1, observe_start: bool = True):
-    """A PyTorch Lightning callback that observes the LightningModule after each epoch.
+                       every_n_epochs: int = 1, observe_start: bool = True, **options):
+    """A :class:`conceptmon.lightning.ConceptMonitorCallback` (the short form).
 
-    Epoch numbers: 0 before training (``observe_start``), then 1, 2, ... after each
-    finished epoch. Layer names in the config are names inside the LightningModule.
+    Epoch numbers: 0 before training (``observe_start``), then k after k finished epochs,
+    as ``conceptmon dissect`` reads Lightning's ModelCheckpoint files. ``options``:
+    ``module`` (the LightningModule's attribute holding the network), ``log_metrics``, ``log``.
     """
-    try:
-        from lightning.pytorch.callbacks import Callback
-    except ImportError:
-        try:
-            from pytorch_lightning.callbacks import Callback
-        except ImportError:
-            raise ConceptmonError(
-                "lightning_callback needs PyTorch Lightning: pip install lightning (or pip install conceptmon[lightning])"
-            ) from None
+    from .lightning import ConceptMonitorCallback  # needs lightning; conceptmon itself does not
 
-    monitor = Monitor(config, out)
-
-    class ConceptMonitorCallback(Callback):
-        def on_train_start(self, trainer, pl_module):
-            if observe_start and trainer.current_epoch == 0:
-                monitor.observe(pl_module, 0)
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            epoch = trainer.current_epoch + 1
-            if epoch % every_n_epochs == 0:
-                monitor.observe(pl_module, epoch)
-
-    callback = ConceptMonitorCallback()
-    callback.monitor = monitor
-    return callback
+    return ConceptMonitorCallback(config, out, every_n_epochs=every_n_epochs, observe_start=observe_start, **options)

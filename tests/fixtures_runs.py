@@ -246,3 +246,10 @@ def write_embedding(out: Path, neurons: pd.DataFrame, distances: pd.DataFrame | 
         gen.write_table(store.EMBED_FILES["neuron_anchor_distance"], distances, store.NEURON_ANCHOR_DISTANCE)
         gen.write_table(store.EMBED_FILES["anchors"], anchors, store.ANCHORS)
     return gen
+
+
+def rewrite_epoch_table(out: Path, epoch: int, dissect: pd.DataFrame) -> None:
+    """Replace an epoch's DISSECT table as a re-dissection would (its record's hash follows)."""
+    record = store.read_json(store.epoch_record_path(out, epoch))
+    record["tables"]["dissect"] = store.write_table(store.dissect_path(out, epoch), dissect, store.DISSECT)
+    store.write_json(store.epoch_record_path(out, epoch), record)

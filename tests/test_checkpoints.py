@@ -11,6 +11,7 @@ from conceptmon.checkpoints import (
     find_checkpoints,
     load_state_dict,
     read_epoch,
+    WeightLoader,
 )
 
 from .fakes import TinyConv
@@ -129,3 +130,96 @@ def test_not_weights(tmp_path):
     torch.save({"epoch": 1, "history": [1, 2, 3]}, path)
     with pytest.raises(CheckpointError, match="no weights found"):
         load_state_dict(path)
+
+
+# ----------------------------------------------------------------------------- BatchNorm counters
+
+
+class TinyBN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
+
+
+def test_state_dict_without_batch_counters_loads_with_one_notice_per_run(tmp_path):
+    import collections
+
+    trained = TinyBN()
+    with torch.no_grad():
+        trained.bn.running_mean.fill_(0.5)
+    full = trained.state_dict()
+    # As saved with version metadata, which makes torch's own strict load refuse it.
+    pruned = collections.OrderedDict((k, v) for k, v in full.items() if not k.endswith("num_batches_tracked"))
+    pruned._metadata = full._metadata
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        TinyBN().load_state_dict(pruned, strict=True)
+    for epoch in (1, 2):
+        torch.save(pruned, tmp_path / f"epoch_{epoch}.pt")
+    model, notices = TinyBN(), []
+    loader = WeightLoader(model, log=notices.append)
+    for epoch in (1, 2):
+        loader.load(tmp_path / f"epoch_{epoch}.pt")
+    assert torch.equal(model.bn.running_mean, full["bn.running_mean"])
+    assert int(model.bn.num_batches_tracked) == 0
+    assert len(notices) == 1 and "num_batches_tracked for 2 BatchNorm layer(s)" in notices[0]
+    # Other missing keys are still refused.
+    del pruned["bn.running_var"]
+    with pytest.raises(CheckpointError, match=r"missing keys bn\.running_var$"):
+        apply_state_dict(TinyBN(), pruned, tmp_path / "x.pt")
+
+
+# ----------------------------------------------------------------------------- Lightning epochs
+
+
+def lightning_file(sd, epoch: int, processed: int | None, **extra) -> dict:
+    raw = {"epoch": epoch, "global_step": 10, "pytorch-lightning_version": "2.6.0",
+           "state_dict": {"model." + k: v for k, v in sd.items()}, **extra}
+    if processed is not None:
+        raw["loops"] = {"fit_loop": {"epoch_progress": {"current": {"ready": processed, "started": processed,
+                                                                   "processed": processed, "completed": epoch}}}}
+    return raw
+
+
+def test_lightning_epochs_count_completed_epochs(tmp_path, model):
+    sd = model.state_dict()
+    # ModelCheckpoint at the end of the first epoch: epoch index 0, one epoch processed.
+    torch.save(lightning_file(sd, epoch=0, processed=1), tmp_path / "epoch=0-step=5.ckpt")
+    assert read_epoch(tmp_path / "epoch=0-step=5.ckpt") == 1
+    # Mid-epoch save (every_n_train_steps) during the third epoch: two epochs completed.
+    torch.save(lightning_file(sd, epoch=2, processed=2), tmp_path / "mid.ckpt")
+    assert read_epoch(tmp_path / "mid.ckpt") == 2
+    # No loop progress: assumed saved at the end of its epoch.
+    torch.save(lightning_file(sd, epoch=3, processed=None), tmp_path / "old.ckpt")
+    assert read_epoch(tmp_path / "old.ckpt") == 4
+    # A plain dict's epoch entry is taken as is.
+    torch.save({"epoch": 3, "state_dict": sd}, tmp_path / "plain.pt")
+    assert read_epoch(tmp_path / "plain.pt") == 3
+
+
+def test_saved_hyperparameter_paths_load_but_other_objects_are_named(tmp_path, model):
+    import argparse
+    from pathlib import PurePosixPath
+
+    path = tmp_path / "epoch=0-step=5.ckpt"
+    torch.save(lightning_file(model.state_dict(), epoch=0, processed=1,
+                              hyper_parameters={"data_dir": PurePosixPath("/data/x"), "lr": 0.1}), path)
+    assert read_epoch(path) == 1 and len(load_state_dict(path)) == len(model.state_dict())
+    torch.save(lightning_file(model.state_dict(), epoch=0, processed=1,
+                              hyper_parameters={"args": argparse.Namespace(lr=0.1)}), path)
+    with pytest.raises(CheckpointError, match=r"holds pickled Python objects \(argparse.Namespace\), which "
+                                              r"weights_only loading refuses; .* --trust-checkpoints"):
+        read_epoch(path)
+
+
+def test_lightning_last_ckpt_copy_is_skipped_but_a_unique_one_kept(tmp_path, model):
+    sd = model.state_dict()
+    torch.save(lightning_file(sd, epoch=0, processed=1), tmp_path / "epoch=0-step=5.ckpt")
+    torch.save(lightning_file(sd, epoch=1, processed=2), tmp_path / "epoch=1-step=10.ckpt")
+    torch.save(lightning_file(sd, epoch=1, processed=2), tmp_path / "last.ckpt")
+    assert [(c.path.name, c.epoch) for c in find_checkpoints(tmp_path)] == [
+        ("epoch=0-step=5.ckpt", 1), ("epoch=1-step=10.ckpt", 2)]
+    (tmp_path / "epoch=1-step=10.ckpt").unlink()  # save_top_k=1 kept only the best: last.ckpt is the newest epoch
+    assert [(c.path.name, c.epoch) for c in find_checkpoints(tmp_path)] == [
+        ("epoch=0-step=5.ckpt", 1), ("last.ckpt", 2)]

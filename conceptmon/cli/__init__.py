@@ -25,4 +25,6 @@ from . import probe  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import plugins  # noqa: E402,F401
 from . import validate  # noqa: E402,F401
+from . import export  # noqa: E402,F401
+from . import slurm  # noqa: E402,F401
 # [commands: add one import line per command module above this marker]

@@ -127,9 +127,9 @@ class ClipDissectOptions(DetectorOptions):
     """How a map or token sequence becomes one value per image: avg | max over space or patch
     tokens, or cls (the first token of a token sequence)."""
     clip_batch_size: int = 64
-    interpretable: str = "null"
-    """null: interpretable when the best score beats the layer's null (activations paired with
-    permuted images) at ``null_quantile``; threshold: best score >= ``threshold`` (or the
+    interpretable: str = "calibrated"
+    """calibrated: interpretable when the best score beats the layer's null (activations paired
+    with permuted images) at ``null_quantile``; threshold: best score >= ``threshold`` (or the
     similarity's default threshold)."""
     null_permutations: int = 4
     null_quantile: float = 0.99
@@ -137,8 +137,8 @@ class ClipDissectOptions(DetectorOptions):
     """Concepts per neuron (its best on the full data) that compete in each bootstrap replicate."""
 
     def check(self) -> None:
-        if self.interpretable not in ("null", "threshold"):
-            raise ConfigError(f"interpretable: expected null or threshold, got {self.interpretable!r}")
+        if self.interpretable not in ("calibrated", "threshold"):
+            raise ConfigError(f"interpretable: expected calibrated or threshold, got {self.interpretable!r}")
         if self.null_permutations < 1:
             raise ConfigError(f"null_permutations: must be at least 1, got {self.null_permutations}")
         if not 0 < self.null_quantile < 1:
@@ -184,7 +184,7 @@ class ClipDissect(Detector):
         self.n_images = len(probe)
         self.clip_sim: torch.Tensor | None = None
         self.null_thresholds: dict[str, float] = {}
-        """Per layer, the null-calibrated cut of the last scoring (``interpretable: null``)."""
+        """Per layer, the null-calibrated cut of the last scoring (``interpretable: calibrated``)."""
 
     @property
     def wants_class_token(self) -> bool:
@@ -308,7 +308,7 @@ class ClipDissectAccumulator(LayerAccumulator):
             weights = poisson_weights(n, trust.replicates, trust.seed)
             result.confidence, result.score_low, result.score_high = bootstrap_similarity(
                 det.similarity_fn, C, A, det.params, scores, weights, candidates=det.options.bootstrap_candidates)
-        if det.options.interpretable == "null":
+        if det.options.interpretable == "calibrated":
             cut = null_threshold(det.similarity_fn, C, A, det.params, permutations=det.options.null_permutations,
                                  quantile=det.options.null_quantile, seed=trust.seed)
             result.interpretable = rank_concepts(scores, 1)[0][:, 0] > cut
