@@ -277,6 +277,45 @@ def clean_anchors(anchors) -> list[str]:
     return list(dict.fromkeys(str(a).strip() for a in anchors if str(a).strip()))
 
 
+AUTOMATIC_ANCHORS = 5
+"""Without anchors from the user, the run's most frequent top-1 concepts become anchors."""
+ANCHOR_SOURCES = ("given", "config", "automatic", "none")
+
+
+def automatic_anchors(dissect, n: int = AUTOMATIC_ANCHORS) -> list[str]:
+    """The ``n`` most frequent top-1 concepts of interpretable neurons at the last epoch
+    (all live neurons when none is interpretable), ties by name."""
+    last = dissect[(dissect["epoch"] == dissect["epoch"].max()) & (dissect["rank"] == 0)]
+    last = last[last["concept"].notna()]
+    pool = last[last["interpretable"].astype(bool)] if last["interpretable"].any() else last
+    counts = pool.groupby("concept").size().reset_index(name="n")
+    counts = counts.sort_values(["n", "concept"], ascending=[False, True], kind="stable")
+    return [str(c) for c in counts["concept"].head(n)]
+
+
+def choose_anchors(given: list[str] | None, previous: dict | None, configured: list[str]) -> tuple[list[str] | None, str]:
+    """Which anchors an embedding uses, and why: the same rule for embed, plot and report.
+
+    ``--anchors a,b`` (given) wins and is kept for later calls; ``--anchors auto`` returns
+    to automatic ones and ``--anchors none`` drops them. Without ``--anchors``: the anchors
+    given to an earlier call, else the config's ``embedding.anchors``, else automatic.
+    Returns (anchors, source); anchors is None for automatic (they depend on the tables).
+    """
+    if given is not None:
+        words = clean_anchors(given)
+        if words == ["auto"]:
+            return None, "automatic"
+        if words in ([], ["none"]):
+            return [], "none"
+        return words, "given"
+    previous = previous or {}
+    if previous.get("anchor_source") in ("given", "none"):
+        return list((previous.get("settings") or {}).get("anchors") or []), previous["anchor_source"]
+    if configured:
+        return clean_anchors(configured), "config"
+    return None, "automatic"
+
+
 def resolve_settings(manifest: dict, **given) -> EmbedSettings:
     """Explicit values win; the rest come from the manifest's config (``embedding:``, ``top_k``)."""
     cfg = manifest.get("config") or {}
@@ -332,15 +371,19 @@ def read_embed_meta(out: Path) -> dict | None:
     return gen.record if gen is not None else None
 
 
-def _freshness(settings: EmbedSettings, encoder_fp: str, inputs: dict) -> dict:
-    return {"settings": asdict(settings), "encoder_fingerprint": encoder_fp, "inputs": {"dissect": inputs}}
+def _freshness(settings: EmbedSettings, encoder_fp: str, inputs: dict, anchor_source: str | None = None) -> dict:
+    fresh = {"settings": asdict(settings), "encoder_fingerprint": encoder_fp, "inputs": {"dissect": inputs}}
+    if anchor_source is not None:
+        fresh["anchor_source"] = anchor_source
+    return fresh
 
 
-def is_fresh(out: Path, settings: EmbedSettings, encoder_fp: str) -> bool:
+def is_fresh(out: Path, settings: EmbedSettings, encoder_fp: str, anchor_source: str | None = None) -> bool:
     gen = store.read_generation(Path(out), store.EMBED)
     if gen is None or gen.stale_files():
         return False
-    expected = _freshness(settings, encoder_fp, store.dissect_inputs(store.check_dissect_lineage(out)))
+    expected = _freshness(settings, encoder_fp, store.dissect_inputs(store.check_dissect_lineage(out)),
+                          anchor_source)
     return {k: gen.record.get(k) for k in expected} == expected
 
 
@@ -384,17 +427,22 @@ def embed_run(
     """
     out = Path(out)
     manifest = store.read_manifest(out)
+    configured = ((manifest.get("config") or {}).get("embedding") or {}).get("anchors") or []
+    chosen, anchor_source = choose_anchors(anchors, read_embed_meta(out), configured)
+    if chosen is None:  # automatic: from the last epoch's table (cheap: one file)
+        last = max(store.finished_epochs(out), default=None)
+        chosen = automatic_anchors(store.read_dissect(out, [last])) if last is not None else []
     settings = resolve_settings(
-        manifest, anchors=anchors, encoder=encoder, temperature=temperature, map_fit=map_fit,
+        manifest, anchors=chosen, encoder=encoder, temperature=temperature, map_fit=map_fit,
         placement=placement, map_method=map_method,
     )
     cfg = manifest.get("config") or {}
     if cache_dir is None:
-        cache_dir = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else store.cache_dir(out)
+        cache_dir = store.resolve_cache_dir(cfg.get("cache_dir"))
     text_encoder = create_encoder(settings.encoder, device or cfg.get("device") or "auto")
     encoder_fp = text_encoder.fingerprint()
-    summary = {"encoder": settings.encoder, "settings": asdict(settings)}
-    if not force and is_fresh(out, settings, encoder_fp):
+    summary = {"encoder": settings.encoder, "settings": asdict(settings), "anchor_source": anchor_source}
+    if not force and is_fresh(out, settings, encoder_fp, anchor_source):
         meta = read_embed_meta(out)
         log(f"embed: {store.embed_dir(out)} is up to date ({meta.get('n_neurons')} neurons, {settings.encoder})")
         return {**summary, "n_neurons": meta.get("n_neurons"), "epochs": meta.get("epochs"),
@@ -434,6 +482,7 @@ def embed_run(
     )
     record = {
         **_freshness(settings, encoder_fp, inputs),
+        "anchor_source": anchor_source,
         "encoder": text_encoder.id,
         "map_key": key,
         "cache_dir": str(Path(cache_dir).resolve()),
@@ -456,6 +505,8 @@ def embed_run(
         )
         gen.write_table(store.EMBED_FILES["neuron_anchor_distance"],
                         anchor_distance_table(keys, u, settings.anchors, anchor_vecs), store.NEURON_ANCHOR_DISTANCE)
+    if settings.anchors:
+        log(f"embed: anchors ({anchor_source}): {', '.join(settings.anchors)}")
     log(f"embed: {len(keys)} neurons x {len(epochs)} epochs -> {store.embed_dir(out)} "
         f"({settings.encoder}, T={settings.temperature:g}, {time.perf_counter() - t0:.1f} s)")
     return {**summary, "n_neurons": int(len(keys)), "epochs": epochs, "map_key": key, "skipped": False}
@@ -471,7 +522,7 @@ def embed_like_before(out: Path, *, anchors: list[str] | None = None, log: Calla
     cache = prev.get("cache_dir")
     return embed_run(
         out,
-        anchors=anchors if anchors is not None else given.get("anchors"),
+        anchors=anchors,  # None keeps the anchors the way choose_anchors says
         encoder=given.get("encoder"), temperature=given.get("temperature"), map_fit=given.get("map_fit"),
         placement=given.get("placement"), map_method=given.get("map_method"),
         cache_dir=Path(cache) if cache and Path(cache).is_dir() else None, log=log,

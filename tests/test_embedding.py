@@ -247,3 +247,35 @@ def test_real_umap_on_a_tiny_vocabulary_is_seeded_and_cached(run):
     embed_run(run, map_method="umap", anchors=["windmill"], force=True, log=logs.append)
     assert any("using cached 2-D map" in m for m in logs)
     np.testing.assert_array_equal(read_neurons(run)[["x", "y"]].to_numpy(), xy)
+
+
+# ----------------------------------------------------------------------------- anchors persist
+
+
+def test_anchors_default_to_the_most_frequent_concepts_and_persist_until_told(run):
+    from conceptmon.embedding import AUTOMATIC_ANCHORS, automatic_anchors
+
+    first = embed_run(run, log=quiet)  # nothing given, nothing configured: automatic
+    last = store.read_dissect(run, [3])
+    assert first["anchor_source"] == "automatic"
+    assert read_anchors(run)["concept"].tolist() == automatic_anchors(last)
+    assert len(read_anchors(run)) == AUTOMATIC_ANCHORS
+    embed_run(run, anchors=["windmill", "field"], log=quiet)  # told: kept from now on
+    assert embed_run(run, log=quiet)["skipped"]  # embed without --anchors keeps them (fresh)
+    assert read_anchors(run)["concept"].tolist() == ["windmill", "field"]
+    assert read_embed_meta(run)["anchor_source"] == "given"
+    assert embed_run(run, anchors=["auto"], log=quiet)["anchor_source"] == "automatic"
+    assert read_anchors(run)["concept"].tolist() == automatic_anchors(last)
+    embed_run(run, anchors=["none"], log=quiet)
+    assert read_anchors(run).empty and embed_run(run, log=quiet)["anchor_source"] == "none"
+
+
+def test_automatic_anchors_rank_interpretable_top_concepts():
+    from conceptmon.embedding import automatic_anchors
+
+    df = pd.DataFrame({
+        "epoch": [1] * 4 + [2] * 5, "rank": [0] * 9, "neuron": [0, 1, 2, 3, 0, 1, 2, 3, 4],
+        "concept": ["a", "a", "a", "b", "c", "d", "d", "c", None],
+        "interpretable": [True] * 4 + [True, True, True, False, False],
+    })
+    assert automatic_anchors(df, 2) == ["d", "c"]  # last epoch only, interpretable, ties by name; dead skipped
