@@ -44,6 +44,8 @@ CATEGORY_PANELS = 4
 RETENTION_CURVES = 6
 N_MOVING, N_APPROACHING = 3, 2
 """Trajectories drawn automatically: the neurons that move the most, then those approaching an anchor most."""
+MIN_MOVE = 0.02
+"""A trajectory drawn for moving must cover at least this share of the map's diagonal."""
 STATIC_FORMATS = ("png", "svg")
 FORMATS = ("html", *STATIC_FORMATS)
 LEGEND_BELOW = dict(orientation="h", x=0, xanchor="left", y=-0.12, yanchor="top")
@@ -148,7 +150,8 @@ def choose_trajectories(
     # a step counts only between two confident labels: an uncertain label's move may be noise
     confident_step = path["confident"].astype(bool) & grouped["confident"].shift(1).fillna(False).astype(bool)
     moved = path.assign(step=step.where(confident_step, 0.0)).groupby(["layer", "neuron"], sort=True)["step"].sum()
-    moved = moved[moved > 0].sort_values(ascending=False, kind="stable")
+    extent = float(np.hypot(np.ptp(shown["x"].to_numpy(float)), np.ptp(shown["y"].to_numpy(float))))
+    moved = moved[moved > MIN_MOVE * extent].sort_values(ascending=False, kind="stable")  # not a jitter
     for (layer, neuron), _ in moved.items():
         if sum(why == "moves most" for *_, why in picks) >= n_moving:
             break
@@ -211,7 +214,14 @@ def map_figure(
     paths = {(l, i): df[(df["layer"] == l) & (df["neuron"] == i)].sort_values("epoch") for l, i, _ in trajectories}
     traj_colors = {key: PALETTE[(k + 3) % len(PALETTE)] for k, key in enumerate(paths)}
 
+    in_legend: set[str] = set()
+
     def add(trace, col, bucket=None):
+        # Plotly leaves empty traces out of the legend: a group's entry goes on its first non-empty panel.
+        group = trace.legendgroup
+        trace.showlegend = bool(len(trace.x)) and group not in in_legend
+        if trace.showlegend:
+            in_legend.add(group)
         fig.add_trace(trace, row=1, col=col)
         if bucket is not None:
             bucket.append(len(fig.data) - 1)
@@ -221,24 +231,24 @@ def map_figure(
         at = df[df["epoch"] == epoch]
         faint = at[~at["interpretable"]]
         add(go.Scatter(x=faint["x"], y=faint["y"], mode="markers", name="not interpretable",
-                         legendgroup="faint", showlegend=first_panel,
+                         legendgroup="faint", showlegend=first_panel, legendrank=1,
                          marker=dict(color=FAINT_COLOR, size=4, opacity=0.45), text=faint["hover"],
                          hovertemplate="%{text}<extra></extra>"), col, faint_idx)
         solid = at[at["interpretable"]]
         for layer in layers:
             part = solid[solid["layer"] == layer]
             add(go.Scatter(x=part["x"], y=part["y"], mode="markers", name=layer, legendgroup=f"layer:{layer}",
-                             showlegend=first_panel, marker=dict(color=colors_l[layer], size=6, opacity=0.85),
+                             showlegend=first_panel, legendrank=10 + layers.index(layer), marker=dict(color=colors_l[layer], size=6, opacity=0.85),
                              text=part["hover"], hovertemplate="%{text}<extra></extra>"), col, layer_idx)
         for category in categories:
             part = solid[solid["category"] == category]
             add(go.Scatter(x=part["x"], y=part["y"], mode="markers", name=category, legendgroup=f"cat:{category}",
-                             showlegend=first_panel, visible=False,
+                             showlegend=first_panel, visible=False, legendrank=100 + categories.index(category),
                              marker=dict(color=colors_c[category], size=6, opacity=0.85),
                              text=part["hover"], hovertemplate="%{text}<extra></extra>"), col, category_idx)
         if len(anchors):
             add(go.Scatter(x=anchors["x"], y=anchors["y"], mode="markers+text", name=anchor_name,
-                           legendgroup="anchors", showlegend=first_panel,
+                           legendgroup="anchors", showlegend=first_panel, legendrank=500,
                            text=[esc(a) for a in anchors["concept"]], textposition="top center",
                            textfont=dict(size=12, color=ANCHOR_COLOR), cliponaxis=False,
                            marker=dict(symbol="star", size=16, color="#ffd400", line=dict(color=ANCHOR_COLOR, width=1)),
@@ -250,7 +260,7 @@ def map_figure(
             color = traj_colors[(layer, neuron)]
             sizes = [7] * (len(upto) - 1) + [13]  # the neuron's place at this panel's epoch stands out
             add(go.Scatter(x=upto["x"], y=upto["y"], mode="lines+markers", name=f"{layer}:{neuron}",
-                           legendgroup=f"traj:{layer}:{neuron}", showlegend=first_panel,
+                           legendgroup=f"traj:{layer}:{neuron}", showlegend=first_panel, legendrank=600,
                            line=dict(color=color, width=2), marker=dict(color=color, size=sizes,
                                                                         line=dict(color="black", width=1)),
                            text=upto["hover"], hovertemplate="%{text}<extra></extra>"), col)
@@ -385,7 +395,7 @@ def retention_figure(retained: pd.DataFrame, epochs: list[int], *, confidence_kn
     how = (f"Take a layer's top x % neurons by score at epoch {reference}: each line is the share of them whose "
            "top-1 concept is the same at a later epoch (higher = more stable)"
            + ("; dashed: only neurons whose reference label is confident." if confidence_known
-              else "; label confidence is unknown (bootstrap off), so no confident-only curve."))
+              else f"; label confidence is unknown ({stats.NO_CONFIDENCE}), so no confident-only curve."))
     return Chart(fig, how)
 
 
@@ -460,8 +470,10 @@ def write_static(figures: dict[Path, go.Figure], log: Callable[[str], None]) -> 
 
     written = []
     try:
+        figs = list(figures.values())
+        sizes = [(int(f.layout.width or 1400), int(f.layout.height or 500)) for f in figs]
         with _atomic_many(list(figures)) as temporary:
-            pio.write_images(list(figures.values()), [str(t) for t in temporary])
+            pio.write_images(figs, [str(t) for t in temporary], width=[w for w, _ in sizes], height=[h for _, h in sizes])
         written = list(figures)
     except (store.StoreError, OSError) as e:
         log(f"notice: static export failed ({e}); wrote HTML only")

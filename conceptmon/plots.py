@@ -223,8 +223,10 @@ def embedding_map_figure(
     fig.update_layout(
         title=title or "Neurons in the unified embedding",
         template="plotly_white", height=800, hovermode="closest", margin=dict(t=110),
-        xaxis=dict(range=_axis_range(all_x), showticklabels=False, zeroline=False, showgrid=False, title=""),
-        yaxis=dict(range=_axis_range(all_y), showticklabels=False, zeroline=False, showgrid=False, title=""),
+        xaxis=dict(range=_axis_range(all_x), showticklabels=False, zeroline=False, showgrid=False,
+                   title=dict(text="map axis 1")),
+        yaxis=dict(range=_axis_range(all_y), showticklabels=False, zeroline=False, showgrid=False,
+                   title=dict(text="map axis 2")),
         legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"),
         updatemenus=[dict(
             type="buttons", direction="left", x=0.1, y=0, xanchor="right", yanchor="top",
@@ -538,7 +540,8 @@ def figure_run(
         for fmt in formats:
             if fmt in figures.STATIC_FORMATS:
                 fig = go.Figure(chart.figure)
-                fig.update_layout(width=STATIC_WIDTH, updatemenus=[])  # buttons do nothing on paper
+                fig.update_layout(width=STATIC_WIDTH)
+                fig.layout.updatemenus = ()  # buttons do nothing on paper
                 static[plots / f"figure_{name}.{fmt}"] = fig
     written += figures.write_static(static, log)
     for p in written:

@@ -56,7 +56,8 @@ MOST_CHANGING = 12
 THUMBNAILS_PER_EPOCH = 5
 THUMBNAIL_PX = 72
 MAX_TABLE_ROWS = 2000
-BLANKS = "blank = unknown or not applicable (e.g. confidence with the bootstrap off, a layer one run lacks); 0 = none"
+BLANKS = ("blank = unknown or not applicable (e.g. a confidence the dissect tables do not hold, a layer one run "
+          "lacks); 0 = none")
 
 
 class ReportError(ConceptmonError):
@@ -305,7 +306,7 @@ def interpretable_chart(counts: pd.DataFrame, confidence_known: bool) -> Chart:
                       margin=dict(t=60, b=40))
     how = ("Solid: interpretable neurons per layer over training"
            + (f"; dashed: those whose label is confident" if confidence_known else
-              "; label confidence unknown (bootstrap off), so no confident line")
+              f"; label confidence unknown ({stats.NO_CONFIDENCE}), so no confident line")
            + ("; dotted: dead units (no activation to label)" if any_dead else "; no layer has dead units")
            + ". Hover for the share of the layer.")
     return Chart(fig, how)
@@ -478,7 +479,7 @@ def render_summary(ctx: ReportContext) -> str:
     encoder = (ctx.embed_meta or {}).get("encoder") or (config.get("embedding") or {}).get("encoder")
     trust = config.get("trust") or {}
     confidence = (f"bootstrap with {trust.get('replicates')} replicates; confident = confidence ≥ {ctx.trust_level:g}"
-                  if ctx.confidence_known else "unknown (bootstrap off: trust.replicates 0)")
+                  if ctx.confidence_known else f"unknown ({stats.NO_CONFIDENCE})")
     pairs = [
         ("run", manifest.get("run", "")),
         ("output folder", Path(out).resolve()),
@@ -582,7 +583,7 @@ def render_changes(ctx: ReportContext) -> str:
                      + (f" The {_neurons(len(movers))} with the most confident changes below (a ? marks an uncertain "
                         "step), with top images at the first and the last epoch." if len(movers) else ""))
     else:
-        body += note(f"{len(changes)} top-1 concept changes in total; label confidence is unknown (bootstrap off), "
+        body += note(f"{len(changes)} top-1 concept changes in total; label confidence is unknown ({stats.NO_CONFIDENCE}), "
                      f"so none is called confident. The {_neurons(len(movers))} with the most changes below, with top "
                      "images at the first and the last epoch.")
     if movers.empty:

@@ -90,6 +90,9 @@ SUMMARY_EPOCHS = 8
 
 _I, _F, _S, _B = pa.int64(), pa.float64(), pa.string(), pa.bool_()
 
+NO_CONFIDENCE = "the dissect tables hold no bootstrap confidence: trust.replicates 0, or a detector that does not resample"
+"""Why a run's label confidence is unknown, in the words every output uses."""
+
 # Confidence state of a label: confident, uncertain, or unknown (bootstrap off, dead, missing).
 CONFIDENT, UNCERTAIN, UNKNOWN = 1, 0, -1
 
@@ -693,8 +696,7 @@ def _percent(value) -> str:
 
 
 def _unknown_confidence_line(ctx: SummaryContext) -> str:
-    return ("label confidence: unknown (the bootstrap was off, trust.replicates: 0), so no label or change "
-            "is called confident")
+    return (f"label confidence: unknown ({NO_CONFIDENCE}), so no label or change is called confident")
 
 
 def summarize_interpretable(tables, ctx: SummaryContext) -> list[str]:

@@ -9,13 +9,20 @@ from pathlib import Path
 
 def legend_problems(fig: dict) -> list[str]:
     """Traces without a name, or that no legend entry stands for (directly or via their group)."""
+    from .fixtures_runs import values
+
     problems = []
-    shown_groups = {t.get("legendgroup") for t in fig["data"] if t.get("showlegend", True) is not False}
+    # Plotly draws no legend entry for a trace without points: such a trace stands for no group.
+    shown_groups = {t.get("legendgroup") for t in fig["data"] if t.get("showlegend", True) is not False
+                    and (t.get("type") not in ("scatter", "bar") or len(values(t.get("x", []))) > 0)}
+    for group in {t.get("legendgroup") for t in fig["data"] if t.get("legendgroup")} - shown_groups:
+        if any(len(values(t.get("x", []))) for t in fig["data"] if t.get("legendgroup") == group):
+            problems.append(f"legend group {group!r} has points but no legend entry")
     for i, trace in enumerate(fig["data"]):
         if not str(trace.get("name") or "").strip():
             problems.append(f"trace {i} ({trace.get('type')}) has no name")
-        elif trace.get("showlegend", True) is False and (not trace.get("legendgroup")
-                                                         or trace.get("legendgroup") not in shown_groups):
+        elif (trace.get("showlegend", True) is False and len(values(trace.get("x", [])))
+              and (not trace.get("legendgroup") or trace.get("legendgroup") not in shown_groups)):
             problems.append(f"trace {i} {trace['name']!r} is in no legend entry")
     if fig["layout"].get("showlegend") is False and fig["data"]:
         problems.append("the legend is hidden")

@@ -585,7 +585,8 @@ def test_summary_shows_dead_units_and_the_confidence_split(tmp_path):
     out = life_out(tmp_path, with_confidence=False, name="off")
     result = CliRunner().invoke(main, ["stats", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "label confidence: unknown (the bootstrap was off, trust.replicates: 0)" in result.stdout
+    assert "label confidence: unknown (the dissect tables hold no bootstrap confidence: trust.replicates 0, " \
+           "or a detector that does not resample)" in result.stdout
     assert "confident" not in result.stdout.replace("called confident", "")
     data = json.loads(CliRunner().invoke(main, ["stats", "--out", str(out), "--format", "json"]).stdout)
     assert data["confidence_known"] is False
