@@ -773,6 +773,8 @@ def report_run(
     ctx = ReportContext(out=out, manifest=manifest, tables=tables, page=Page(), log=log,
                         trust_level=stats.trust_level_of(manifest), embedding_note=embedding_note,
                         stats_note=stats_note)
+    if stats_gen is None:
+        ctx._first = inputs.first  # the very labels the statistics were computed from
     if gen is not None:
         ctx.embed_meta = gen.record
         ctx.neurons = stats.read_neuron_embeddings(gen.path(store.EMBED_FILES["neurons"]), with_vectors=False)[0]
