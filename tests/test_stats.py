@@ -404,6 +404,7 @@ def test_cli_stats_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "no dissection results" in result.stderr
     result = CliRunner().invoke(main, ["stats", "--out", str(out), "--format", "csv", "--table", "nope"])
     assert result.exit_code == 2 and "nope" in result.stderr
+    assert store.read_generation(out, store.STATS) is None  # refused before computing anything
 
 
 def test_fresh_stats_are_reused_only_while_inputs_and_options_match(tmp_path):

@@ -26,13 +26,18 @@ def _stderr_log(notices: list[str] | None = None):
     return log
 
 
+def _check_table_names(table: str | None, choices) -> None:
+    """Unknown --table names fail before anything is computed or written."""
+    unknown = [n for n in split_csv(table) or [] if n not in choices]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]!r} is not one of {', '.join(choices)}", param_hint="--table")
+
+
 def _pick_tables(tables: dict, table: str | None, fmt: str, choices) -> list[str]:
     """Names of the tables to print; csv prints exactly one (default: interpretable)."""
     names = split_csv(table) if table else None
     if names:
-        unknown = [n for n in names if n not in choices]
-        if unknown:
-            raise click.BadParameter(f"{unknown[0]!r} is not one of {', '.join(choices)}", param_hint="--table")
+        _check_table_names(table, choices)
         missing = [n for n in names if n not in tables]
         if missing:
             raise click.BadParameter(
@@ -72,6 +77,7 @@ def stats(config_path, out, fmt, table, layers, reference, anchor_k):
     concepts, changes, retention, diversity and anchors. Writes one generation of OUT/stats/.
     """
     out = find_out(config_path, out)
+    _check_table_names(table, statistics.statistic_names())
     notices: list[str] = []
     tables = statistics.stats_run(out, layers=split_csv(layers), reference=reference, anchor_k=anchor_k,
                                   log=_stderr_log(notices))
@@ -110,6 +116,7 @@ def compare(out_a, out_b, labels, fmt, table, layers):
     from .. import compare as comparison  # plotly-free, but only needed here
 
     given = comparison.check_labels(_parse_labels(labels)) if labels else None
+    _check_table_names(table, list(comparison.side_by_side_specs()))
     notices: list[str] = []
     result = comparison.compare_runs(out_a, out_b, given, layers=split_csv(layers), log=_stderr_log(notices))
     names = _pick_tables(result.tables, table, fmt, list(comparison.side_by_side_specs()))
