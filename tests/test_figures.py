@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -174,3 +175,27 @@ def test_static_export_writes_png_and_svg(embedded):
     svg = (plots / "figure_categories.svg").read_text(encoding="utf-8")
     assert svg.lstrip().startswith("<svg") and "interpretable neurons" in svg
     assert not list(plots.glob(".tmp-*"))
+
+
+def test_a_failing_browser_leaves_no_file_and_one_notice(tmp_path, monkeypatch):
+    import plotly.io as pio
+
+    pytest.importorskip("kaleido")
+
+    class ChromeNotFoundError(RuntimeError):
+        pass
+
+    def no_browser(figs, files, **kw):
+        for f in files:  # as a crashed export might: part of a file at the temporary path
+            Path(f).write_bytes(b"\x89PNG partial")
+        raise ChromeNotFoundError("Chrome not found\nmore detail")
+
+    monkeypatch.setattr(pio, "write_images", no_browser)
+    dissect = store.read_dissect(make_run(tmp_path / "run", epochs=[1], n_neurons=4))
+    chart = figures.categories_figure(stats.category_counts(dissect), [1])
+    target = tmp_path / "plots" / "figure_categories.png"
+    notices = []
+    assert figures.write_static({target: chart.figure}, notices.append) == []
+    assert notices == ["notice: static export unavailable (ChromeNotFoundError: Chrome not found); wrote HTML only. "
+                       "kaleido needs a Chrome or Chromium: install one, or set BROWSER_PATH to it"]
+    assert not target.exists() and not list(target.parent.glob(".tmp-*"))
