@@ -150,6 +150,7 @@ def test_refusal_names_both_probe_sets(tmp_path):
 WIDE = {**TOP1, **{("fc", n): {e: ("car" if n < 5 else "sky", 0.3) for e in (1, 2, 5)} for n in (3, 4, 5)}}
 
 
+@pytest.mark.slow
 def test_different_layer_widths_are_compared_as_shares_and_said_so(tmp_path):
     a, b = make_out(tmp_path, "standard"), make_out(tmp_path, "wide", top1=WIDE)
     result = compare.compare_runs(a, b, log=lambda m: None)
@@ -179,6 +180,7 @@ def test_different_layer_widths_are_compared_as_shares_and_said_so(tmp_path):
     assert row["n_interpretable_diff"] is None and row["basis"] == "shares"
 
 
+@pytest.mark.slow
 def test_labels_come_from_run_names_else_a_b_with_the_folders_named(tmp_path):
     first = make_out(tmp_path / "one", "same")
     second = make_out(tmp_path / "two", "same", top1=ROBUST)

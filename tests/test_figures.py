@@ -41,6 +41,7 @@ def traces(fig, prefix):
     return [t for t in fig["data"] if str(t.get("name", "")).startswith(prefix)]
 
 
+@pytest.mark.slow
 def test_every_figure_keeps_the_invariants(embedded, tmp_path):
     other = make_run(tmp_path / "other", epochs=[0, 1, 2, 3, 4], layers=["layer3", "layer4"], n_neurons=24,
                      embedding=FAST, seed=5, run="pgd")

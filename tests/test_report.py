@@ -155,6 +155,7 @@ def test_report_renders_in_headless_chromium(run_with_images, tmp_path):
     assert check["drawn"] == check["charts"]
 
 
+@pytest.mark.slow
 def test_every_report_chart_keeps_the_figure_invariants(tmp_path):
     out = make_run(tmp_path / "out", epochs=[0, 1, 2, 3], layers=["layer3", "layer4"], n_neurons=24,
                    embedding={"encoder": "hashvec", "map_method": "pca"}, run="small")
@@ -207,6 +208,7 @@ def test_screenshots_of_each_section_at_a_fixed_viewport(run_with_images, tmp_pa
     assert page.exists()
 
 
+@pytest.mark.slow
 def test_report_records_its_inputs_and_never_calls_stale_stats_fresh(tmp_path):
     out = make_out(tmp_path)
     stats.stats_run(out, log=lambda m: None)
@@ -232,6 +234,7 @@ def test_report_records_its_inputs_and_never_calls_stale_stats_fresh(tmp_path):
     assert "computed for this report: the tables in" in text and "up-to-date" not in text
 
 
+@pytest.mark.slow
 def test_report_remakes_a_stale_embedding_with_its_settings(tmp_path):
     from conceptmon.embedding import embed_run, read_embed_meta
 

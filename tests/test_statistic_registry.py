@@ -41,6 +41,7 @@ def registered():
     stats.STATISTICS.unregister("strongest")
 
 
+@pytest.mark.slow
 def test_a_registered_statistic_is_computed_written_printed_and_compared(tmp_path, registered):
     out = make_out(tmp_path, "standard")
     assert stats.statistic_names()[-1] == "strongest"

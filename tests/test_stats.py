@@ -407,6 +407,7 @@ def test_cli_stats_errors_are_one_line(tmp_path):
     assert store.read_generation(out, store.STATS) is None  # refused before computing anything
 
 
+@pytest.mark.slow
 def test_fresh_stats_are_reused_only_while_inputs_and_options_match(tmp_path):
     out = make_out(tmp_path)
     assert stats.read_fresh_stats(out) is None  # nothing written yet
