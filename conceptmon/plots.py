@@ -223,8 +223,10 @@ def embedding_map_figure(
     fig.update_layout(
         title=title or "Neurons in the unified embedding",
         template="plotly_white", height=800, hovermode="closest", margin=dict(t=110),
-        xaxis=dict(range=_axis_range(all_x), showticklabels=False, zeroline=False, showgrid=False, title=""),
-        yaxis=dict(range=_axis_range(all_y), showticklabels=False, zeroline=False, showgrid=False, title=""),
+        xaxis=dict(range=_axis_range(all_x), showticklabels=False, zeroline=False, showgrid=False,
+                   title=dict(text="map axis 1")),
+        yaxis=dict(range=_axis_range(all_y), showticklabels=False, zeroline=False, showgrid=False,
+                   title=dict(text="map axis 2")),
         legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"),
         updatemenus=[dict(
             type="buttons", direction="left", x=0.1, y=0, xanchor="right", yanchor="top",
@@ -339,8 +341,9 @@ def _file_slug(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", layer) or "layer"
 
 
-def write_figure_html(fig: go.Figure, path: Path) -> None:
-    """Write ``fig`` with plotly.js referenced from ``plotly.min.js`` beside it (written once)."""
+def write_figure_html(fig: go.Figure, path: Path, caption: str | None = None) -> None:
+    """Write ``fig`` with plotly.js referenced from ``plotly.min.js`` beside it (written once),
+    and ``caption`` (how to read the figure) under it."""
     from plotly.offline import get_plotlyjs
 
     path = Path(path)
@@ -348,7 +351,12 @@ def write_figure_html(fig: go.Figure, path: Path) -> None:
     js = get_plotlyjs()
     if not bundle.exists() or bundle.stat().st_size != len(js.encode("utf-8")):
         store.write_text(bundle, js)
-    store.write_text(path, fig.to_html(include_plotlyjs="directory", full_html=True, auto_play=False))
+    page = fig.to_html(include_plotlyjs="directory", full_html=True, auto_play=False)
+    if caption:
+        text = (f'<p style="font-family:system-ui,sans-serif;color:#555;max-width:70rem;margin:0 1rem 1rem">'
+                f'How to read this: {html.escape(caption)}</p>')
+        page = page.replace("</body>", text + "</body>", 1)
+    store.write_text(path, page)
 
 
 def plot_run(
@@ -415,7 +423,133 @@ def plot_run(
     return written
 
 
+# ----------------------------------------------------------------------------- the paper's figures, by name
+
+
+def parse_figures(names) -> list[str]:
+    """``"map,categories"`` (or a list) -> checked figure names, in the order given."""
+    from .figures import FIGURES
+    from .registry import did_you_mean
+
+    items = names.split(",") if isinstance(names, str) else list(names or [])
+    chosen = list(dict.fromkeys(str(n).strip() for n in items if str(n).strip()))
+    for name in chosen:
+        if name not in FIGURES:
+            raise PlotError(f"--figure: unknown figure {name!r}{did_you_mean(name, FIGURES)}; "
+                            f"choices: {', '.join(FIGURES)}")
+    if not chosen:
+        raise PlotError(f"--figure: name at least one of {', '.join(FIGURES)}")
+    return chosen
+
+
+def parse_formats(formats) -> list[str]:
+    from .figures import FORMATS
+
+    items = formats.split(",") if isinstance(formats, str) else list(formats or [])
+    chosen = list(dict.fromkeys(str(f).strip().lower() for f in items if str(f).strip()))
+    bad = [f for f in chosen if f not in FORMATS]
+    if bad or not chosen:
+        raise PlotError(f"--format: {', '.join(bad) or 'nothing'} is not one of {', '.join(FORMATS)} "
+                        f"(comma-separated, e.g. html,png)")
+    return chosen
+
+
+STATIC_WIDTH = 1400
+"""Pixel width of PNG/SVG exports (the height is the figure's)."""
+
+
+def figure_page(chart, path: Path) -> None:
+    """The figure as an HTML page (plotly.js beside it), with its "how to read this" line under it."""
+    write_figure_html(chart.figure, path, caption=chart.how_to_read)
+
+
+def figure_run(
+    out: Path,
+    names,
+    *,
+    compare: Path | None = None,
+    labels: tuple[str, str] | None = None,
+    anchors=None,
+    neurons: list[tuple[str, int]] | None = None,
+    layers=None,
+    epochs=None,
+    formats=("html", "png"),
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Write the named paper figures as ``OUT/plots/figure_<name>.<format>``; returns the files.
+
+    ``map`` re-runs ``embed`` first when its outputs are stale (with the previous
+    settings, like ``plot``); the others need only the dissection. Static formats go
+    through kaleido; without it (or without a Chrome), one notice and HTML only.
+    """
+    from . import figures, stats
+
+    out = Path(out)
+    names, formats = parse_figures(names), parse_formats(formats)
+    if "compare" in names and compare is None:
+        raise PlotError("--figure compare: needs --compare OUT_B, the run to compare with")
+    dissect = store.read_dissect(out)
+    refs = parse_neuron_refs(neurons) if neurons is not None else []
+    layers = [layers] if isinstance(layers, str) else layers
+    chosen_layers, _ = check_selection(dissect, layers=layers, epochs=epochs, refs=refs)
+    trust = stats.run_trust_level(out)
+    first = stats.top1(dissect[dissect["layer"].isin(chosen_layers)], trust)
+    tables = stats.read_fresh_stats(out, layers=layers)
+    if tables is None:
+        inputs = stats.load_inputs(out, layers, log, with_embedding=False)
+        tables = stats.compute_stats(inputs)
+    confidence_known = bool(tables["interpretable"]["n_confident"].notna().any())
+    charts = {}
+    for name in names:
+        if name == "map":
+            embed_like_before(out, anchors=anchors, log=log)
+            meta = read_embed_meta(out) or {}
+            coords = read_neurons(out)
+            coords = coords[coords["layer"].isin(chosen_layers)]
+            shown = figures.pick_epochs(stats.epochs_of(coords), epochs, figures.MAP_PANELS, "the embedding")
+            distances = read_anchor_distances(out)
+            trajectories = figures.choose_trajectories(coords, first, shown, distances=distances, given=refs)
+            charts[name] = figures.map_figure(
+                coords, first, read_anchors(out), shown, trajectories=trajectories,
+                anchor_source=meta.get("anchor_source"), method=(meta.get("settings") or {}).get("map_method", "umap"),
+                title=f"{html.escape(str(meta.get('encoder', '')))} embedding of {html.escape(', '.join(chosen_layers))}")
+        elif name == "categories":
+            shown = figures.pick_epochs(stats.epochs_of(tables["categories"]), epochs, figures.CATEGORY_PANELS, "the run")
+            charts[name] = figures.categories_figure(tables["categories"], shown, chosen_layers)
+        elif name == "retention":
+            retained = tables["retention"]
+            if retained.empty:
+                log("plot: retention needs at least two dissected epochs; figure skipped")
+                continue
+            later = stats.epochs_of(retained)
+            wanted = [e for e in (epochs or []) if e in later] or None
+            shown = figures.pick_epochs(later, wanted, figures.RETENTION_CURVES, "the later epochs")
+            charts[name] = figures.retention_figure(retained, shown, confidence_known=confidence_known)
+        elif name == "compare":
+            from .compare import compare_runs
+
+            result = compare_runs(out, Path(compare), labels, layers=layers, log=log)
+            charts[name] = figures.compare_figure(result, epoch=max(epochs) if epochs else None)
+    written, static = [], {}
+    plots = store.plots_dir(out)
+    for name, chart in charts.items():
+        if "html" in formats:
+            path = plots / f"figure_{name}.html"
+            figure_page(chart, path)
+            written.append(path)
+        for fmt in formats:
+            if fmt in figures.STATIC_FORMATS:
+                fig = go.Figure(chart.figure)
+                fig.update_layout(width=STATIC_WIDTH)
+                fig.layout.updatemenus = ()  # buttons do nothing on paper
+                static[plots / f"figure_{name}.{fmt}"] = fig
+    written += figures.write_static(static, log)
+    for p in written:
+        log(f"plot: wrote {p}")
+    return written
+
+
 __all__ = [
-    "PlotError", "check_selection", "embedding_map_figure", "hover_texts", "neuron_cards_html",
-    "parse_neuron_refs", "plot_run", "thumbnail_uri", "write_figure_html",
+    "PlotError", "check_selection", "embedding_map_figure", "figure_run", "hover_texts", "neuron_cards_html",
+    "parse_figures", "parse_formats", "parse_neuron_refs", "plot_run", "thumbnail_uri", "write_figure_html",
 ]

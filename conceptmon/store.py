@@ -9,7 +9,8 @@ Everything conceptmon writes lives under one output folder::
     OUT/top_images/epoch_NNNN.parquet         TOP_IMAGES schema
     OUT/embed/current.json                    points at the current embed generation, with its inputs
     OUT/embed/<generation>/neurons.parquet    EMBED_NEURONS schema (and anchors, neuron_anchor_distance)
-    OUT/stats/current.json, OUT/stats/<generation>/<table>.parquet   statistics tables
+    OUT/stats/current.json, OUT/stats/<generation>/<table>.parquet   statistics tables (schemas
+                                              declared in conceptmon.stats)
     OUT/validate.json                         final-layer accuracy of the detector (conceptmon validate)
     OUT/plots/*.html                          interactive figures
     OUT/report.html                           one self-contained report
@@ -128,42 +129,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "neuron_anchor_distance": NEURON_ANCHOR_DISTANCE,
 }
 
-# Statistics tables (OUT/stats/<name>.parquet), written by conceptmon.stats; layer "all" pools layers.
-_I, _F, _S = pa.int64(), pa.float64(), pa.string()
-STATS_SCHEMAS: dict[str, pa.Schema] = {
-    "interpretable": pa.schema(
-        [("epoch", _I), ("layer", _S), ("n_neurons", _I), ("n_interpretable", _I), ("share_interpretable", _F)]
-    ),
-    "categories": pa.schema(
-        [("epoch", _I), ("layer", _S), ("category", _S), ("n_interpretable", _I),
-         ("share_of_interpretable", _F), ("share_of_neurons", _F)]
-    ),
-    "concepts": pa.schema(
-        [("epoch", _I), ("layer", _S), ("concept", _S), ("category", _S), ("n_neurons", _I), ("n_interpretable", _I)]
-    ),
-    "changes": pa.schema(
-        [("layer", _S), ("neuron", _I), ("epoch_from", _I), ("epoch_to", _I), ("concept_from", _S),
-         ("concept_to", _S), ("score_from", _F), ("score_to", _F)]
-    ),
-    "stability": pa.schema(
-        [("layer", _S), ("epoch_from", _I), ("epoch_to", _I), ("n_neurons", _I), ("n_kept", _I), ("share_kept", _F)]
-    ),
-    "retention": pa.schema(
-        [("reference_epoch", _I), ("layer", _S), ("epoch", _I), ("percent", _I), ("n_selected", _I),
-         ("n_kept", _I), ("share_kept", _F)]
-    ),
-    "diversity": pa.schema(
-        [("epoch", _I), ("layer", _S), ("n_neurons", _I), ("n_distinct_concepts", _I), ("entropy_bits", _F),
-         ("n_distinct_interpretable", _I), ("mean_cosine_distance", _F)]
-    ),
-    "anchor_neighbors": pa.schema(
-        [("anchor", _S), ("epoch", _I), ("rank", _I), ("layer", _S), ("neuron", _I), ("concept", _S), ("distance", _F)]
-    ),
-    "anchor_distance": pa.schema(
-        [("anchor", _S), ("epoch", _I), ("layer", _S), ("k", _I), ("n_neighbors", _I), ("mean_distance", _F)]
-    ),
-}
-SCHEMAS.update({f"stats_{name}": schema for name, schema in STATS_SCHEMAS.items()})
+# Statistics tables are declared with their statistic (conceptmon.stats.STATISTICS): one
+# generation of OUT/stats holds one <name>.parquet per statistic.
 
 
 # Embedding caches (encoders.py, embedding.py): one text vector per (encoder, text), and the

@@ -1,6 +1,7 @@
 """Runs the conceptmon CLI, pausing at one chosen point so a test can SIGKILL it there.
 
-KILL_POINT=forward|parquet|record, KILL_AT=<n-th call>, KILL_MARKER=<file written when paused>.
+KILL_POINT=forward|parquet|record|replace|replaced, KILL_AT=<n-th call>, KILL_MARKER=<file written when paused>;
+replace/replaced pause just before/after the atomic rename onto a file named KILL_FILE (e.g. current.json).
 The pause is injected here, in the test harness, never in the package.
 """
 import os
@@ -53,6 +54,19 @@ elif point == "record":
         return original_text(path, text)
 
     store.write_text = write_text
+elif point in ("replace", "replaced"):
+    target = os.environ["KILL_FILE"]
+    original_replace = os.replace
+
+    def replace(src, dst, *args, **kw):
+        hit = pathlib.Path(dst).name == target
+        if hit and point == "replace":
+            pause_here()
+        original_replace(src, dst, *args, **kw)
+        if hit and point == "replaced":
+            pause_here()
+
+    os.replace = replace
 
 sys.path.insert(0, os.getcwd())
 from conceptmon.cli import main  # noqa: E402

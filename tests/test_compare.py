@@ -28,7 +28,9 @@ def runs(tmp_path):
 def test_interpretable_side_by_side_with_differences(runs):
     result = compare.compare_runs(*runs, labels=LABELS, log=lambda m: None)
     t = result["interpretable"]
-    assert list(t.columns[:5]) == ["layer", "epoch", "n_neurons_standard", "n_neurons_robust", "n_neurons_diff"]
+    assert list(t.columns[:6]) == ["layer", "epoch", "basis", "n_neurons_standard", "n_neurons_robust",
+                                   "n_neurons_diff"]
+    assert set(t["basis"]) == {"counts"}  # same layer widths: counts are comparable
     row = lookup(t, layer="fc", epoch=5)
     assert (row.n_interpretable_standard, row.n_interpretable_robust, row.n_interpretable_diff) == (2, 3, 1)
     assert row.share_interpretable_diff == pytest.approx(1 / 3, abs=1e-15)
@@ -76,6 +78,7 @@ def test_epochs_of_one_run_only_are_kept_with_gaps(tmp_path):
         (dict(detector="clip-dissect"), "detector.name is 'netdissect' in standard but 'clip-dissect' in robust"),
         (dict(concept_fingerprint="beef"), "different concept sets: standard hand (6 concepts, fingerprint f00d), "
                                            "robust hand (6 concepts, fingerprint beef)"),
+        (dict(probe_fingerprint="other"), "different probe sets: standard synthetic (8 images at "),
         (dict(encoder="clip:openai/clip-vit-base-patch16"),
          "different text encoders: 'minilm' in standard but 'clip:openai/clip-vit-base-patch16' in robust"),
     ],
@@ -132,3 +135,73 @@ def test_cli_compare_table_json_and_refusal(runs, tmp_path):
     result = CliRunner().invoke(main, ["compare", str(a), str(other)])
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "detector.name" in result.stderr
+
+
+def test_refusal_names_both_probe_sets(tmp_path):
+    a, b = make_out(tmp_path, "standard"), make_out(tmp_path, "robust", probe_fingerprint="other")
+    with pytest.raises(compare.CompareError) as info:
+        compare.compare_runs(a, b, log=lambda m: None)
+    assert "fingerprint p), robust synthetic (8 images at" in str(info.value)
+    assert str(info.value).endswith("fingerprint other)")
+
+
+# fc is twice as wide in the "wide" run: 5 of its 6 neurons are interpretable at epoch 5 (83.3 %)
+# against 2 of 3 (66.7 %) in the standard one. "+3" would compare apples with oranges.
+WIDE = {**TOP1, **{("fc", n): {e: ("car" if n < 5 else "sky", 0.3) for e in (1, 2, 5)} for n in (3, 4, 5)}}
+
+
+@pytest.mark.slow
+def test_different_layer_widths_are_compared_as_shares_and_said_so(tmp_path):
+    a, b = make_out(tmp_path, "standard"), make_out(tmp_path, "wide", top1=WIDE)
+    result = compare.compare_runs(a, b, log=lambda m: None)
+    assert result.labels == ("standard", "wide") and result.label_source == "run names"
+    assert result.widths_differ == {"fc": (3, 6)}
+    t = result["interpretable"]
+    fc = lookup(t, layer="fc", epoch=5)
+    assert fc.basis == "shares" and np.isnan(fc.n_interpretable_diff)
+    assert (fc.n_interpretable_standard, fc.n_interpretable_wide) == (2, 5)
+    assert fc.share_interpretable_diff == pytest.approx(5 / 6 - 2 / 3)
+    assert fc.n_neurons_diff == 3  # the widths themselves are shown
+    conv = lookup(t, layer="conv", epoch=5)
+    assert conv.basis == "counts" and conv.n_interpretable_diff == 0
+    cats = result["categories"]
+    assert np.isnan(lookup(cats, layer="fc", epoch=5, category="object").n_interpretable_diff)
+
+    text = compare.format_comparison(result)
+    assert "fc has 3 neurons in standard but 6 in wide: compared as shares of the layer's neurons" in text
+    line = next(l for l in text.splitlines() if l.strip().startswith("fc ") and "/" in l)
+    assert line.split() == ["fc", "2/3", "(66.7%)", "5/6", "(83.3%)", "+16.7", "pp", "(shares)"]
+    assert "category shares of the layer's neurons, wide - standard, percentage points" in text
+
+    result = CliRunner().invoke(main, ["compare", str(a), str(b), "--format", "json", "--table", "interpretable"])
+    data = json.loads(result.stdout)
+    assert data["widths_differ"] == {"fc": [3, 6]} and data["labels"] == ["standard", "wide"]
+    row = next(r for r in data["tables"]["interpretable"] if r["layer"] == "fc" and r["epoch"] == 5)
+    assert row["n_interpretable_diff"] is None and row["basis"] == "shares"
+
+
+@pytest.mark.slow
+def test_labels_come_from_run_names_else_a_b_with_the_folders_named(tmp_path):
+    first = make_out(tmp_path / "one", "same")
+    second = make_out(tmp_path / "two", "same", top1=ROBUST)
+    result = compare.compare_runs(first, second, log=lambda m: None)
+    assert result.labels == ("a", "b") and result.label_source == "a/b"
+    notes = result.notes()
+    assert notes[0] == f"a = {first} (run 'same'), b = {second} (run 'same'); differences are b - a"
+    assert "pass --labels NAME_A,NAME_B" in notes[1]
+    text = CliRunner().invoke(main, ["compare", str(first), str(second)]).stdout
+    assert text.startswith(f"a = {first} (run 'same'), b = {second}")
+    given = compare.compare_runs(first, second, ("std", "pgd"), log=lambda m: None)
+    assert given.labels == ("std", "pgd") and "n_interpretable_pgd" in given["interpretable"].columns
+
+
+def test_a_layer_one_run_lacks_is_blank_and_explained(tmp_path):
+    extra = {**TOP1, ("head", 0): {1: ("car", 0.3), 2: ("car", 0.3), 5: ("car", 0.3)}}
+    a, b = make_out(tmp_path, "standard"), make_out(tmp_path, "more", top1=extra)
+    result = compare.compare_runs(a, b, log=lambda m: None)
+    row = lookup(result["interpretable"], layer="head", epoch=5)
+    assert np.isnan(row.n_interpretable_standard) and row.n_interpretable_more == 1
+    text = compare.format_comparison(result)
+    assert "(blank: the layer is not in that run)" in text
+    head = next(l for l in text.splitlines() if l.strip().startswith("head"))
+    assert head.split() == ["head", "1/1", "(100.0%)"]

@@ -14,6 +14,7 @@ from conceptmon.checkpoints import find_checkpoints, load_state_dict
 from conceptmon.cli import main
 from conceptmon.config import load_config
 from conceptmon.demo import DemoError, DemoSettings, observation, run_demo
+from conceptmon.stats import stats_table_path
 from conceptmon.training import synthetic_classification
 
 
@@ -44,7 +45,7 @@ def test_demo_writes_every_stage(tiny_run):
     assert [f.epoch for f in find_checkpoints(out / "checkpoints")] == [0, 1, 2]
     assert store.finished_epochs(out) == [0, 1, 2]
     assert store.read_generation(out, store.EMBED).path(store.EMBED_FILES["neurons"]).exists()
-    assert (store.stats_dir(out) / "diversity.parquet").exists()
+    assert stats_table_path(out, "diversity").exists()  # the current stats generation
     cfg = load_config(out / "conceptmon.yaml")  # the folder is an ordinary run: other commands work on it
     assert cfg.out == str(out.resolve()) and cfg.layers == ["layer2", "layer3", "layer4"]
     assert cfg.embedding.temperature == TINY.temperature
@@ -67,7 +68,7 @@ def test_demo_records_real_training_and_its_finding(tiny_run):
     assert not torch.equal(first["layer4.0.conv1.weight"], last["layer4.0.conv1.weight"])
     marker = json.loads((out / demo_module.MARKER).read_text())
     obs = marker["observation"]
-    counts = pd.read_parquet(store.stats_dir(out) / "interpretable.parquet")
+    counts = pd.read_parquet(stats_table_path(out, "interpretable"))
     layer4 = counts[counts.layer == "layer4"].set_index("epoch")["n_interpretable"]
     assert obs["interpretable_first"] == layer4[0] and obs["interpretable_last"] == layer4[2]
     assert obs == result.observation

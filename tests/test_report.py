@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,11 @@ from PIL import Image
 from conceptmon import report, stats, store
 from conceptmon.cli import main
 
-from .fixtures_runs import write_embedding, write_epoch
-from .test_stats import TOP1, make_out
+from .figure_checks import check_figure, report_figures
+from .fixtures_runs import make_run, set_neuron, write_embedding, write_epoch
+from .test_stats import TOP1, distance_rows, make_out, neuron_rows
 
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
                  if p and Path(p).exists()), None)
 needs_chromium = pytest.mark.skipif(
@@ -106,10 +109,15 @@ def test_most_changing_orders_by_changes_then_layer_and_neuron():
         "layer": ["b", "a", "a", "b", "b"], "neuron": [1, 2, 2, 0, 1],
         "epoch_from": [1, 1, 2, 1, 2], "epoch_to": [2, 2, 3, 2, 3],
         "concept_from": ["x", "p", "q", "m", "y"], "concept_to": ["y", "q", "r", "n", "z"],
+        "confident": pd.array([True, True, False, True, True], dtype="boolean"),
     })
     movers = report.most_changing(changes, n=2)
     assert list(zip(movers.layer, movers.neuron, movers.n_changes)) == [("a", 2, 2), ("b", 1, 2)]
     assert movers.trail.iloc[1] == "x (ep 1) → y (ep 2) → z (ep 3)"
+    # counting confident changes only: a/2 has one, b/1 two; the uncertain step is marked
+    movers = report.most_changing(changes, n=3, confident_only=True)
+    assert list(zip(movers.layer, movers.neuron, movers.n_changes)) == [("b", 1, 2), ("a", 2, 1), ("b", 0, 1)]
+    assert movers.trail.iloc[1] == "p (ep 1) → q (ep 2) → r? (ep 3)"
 
 
 def test_cli_report_prints_the_path(run_with_images):
@@ -145,6 +153,116 @@ def test_report_renders_in_headless_chromium(run_with_images, tmp_path):
     assert check["errors"] == 0, check["messages"]
     assert check["charts"] == chart_divs(page.read_text(encoding="utf-8")) >= 8
     assert check["drawn"] == check["charts"]
+
+
+@pytest.mark.slow
+def test_every_report_chart_keeps_the_figure_invariants(tmp_path):
+    out = make_run(tmp_path / "out", epochs=[0, 1, 2, 3], layers=["layer3", "layer4"], n_neurons=24,
+                   embedding={"encoder": "hashvec", "map_method": "pca"}, run="small")
+    from conceptmon.embedding import embed_run
+
+    embed_run(out, anchors=["windmill", "field"], log=lambda m: None)
+    other = make_run(tmp_path / "other", epochs=[0, 1, 2, 3], layers=["layer3", "layer4"], n_neurons=24, seed=4,
+                     embedding={"encoder": "hashvec", "map_method": "pca"}, run="other")
+    page = report.report_run(out, compare=other, log=lambda m: None)
+    charts = report_figures(page)
+    assert len(charts) == chart_divs(page.read_text(encoding="utf-8"))
+    for chart in charts:
+        check_figure(chart)
+    text = page.read_text(encoding="utf-8")
+    assert text.count('<p class="how">How to read this: ') == len(charts)  # one reading line per chart
+    the_map = next(c for c in charts if any(str(t.get("name", "")).startswith("anchors") for t in c["data"]))
+    assert {tuple(t["text"]) for t in the_map["data"] if t["name"] == "anchors"} == {("windmill", "field")}
+    first = stats.top1(store.read_dissect(out))
+    shown = sorted({int(a["text"].split()[1]) for a in the_map["layout"]["annotations"]})
+    drawn = [t["name"] for t in the_map["data"] if str(t.get("legendgroup", "")).startswith("traj:")]
+    assert drawn, "the map draws no trajectory"
+    for name in set(drawn):
+        layer, neuron = name.rsplit(":", 1)
+        mine = first[(first.layer == layer) & (first.neuron == int(neuron)) & first.epoch.isin(shown)]
+        assert mine["interpretable"].all() and mine.sort_values("epoch")["state"].iloc[-1] == stats.CONFIDENT
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_screenshots_of_each_section_at_a_fixed_viewport(run_with_images, tmp_path):
+    page = report.report_run(run_with_images, log=lambda m: None)
+    dest = tmp_path / "shots"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshots.py"), str(run_with_images), str(dest),
+                           "--width", "1200", "--height", "900"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    sections = re.findall(r'<section id="([a-z-]+)">', page.read_text(encoding="utf-8"))
+    assert {"summary", "interpretable", "categories", "map", "retention", "changes"} <= set(sections)
+    shots = {p.stem: p for p in dest.glob("*.png")}
+    assert done.stdout.split() == [str(dest / f"{n}.png") for n in sections] and sorted(shots) == sorted(sections)
+    pixels = {}
+    for name, path in shots.items():
+        with Image.open(path) as im:
+            assert im.size == (1200, 900)
+            pixels[name] = np.asarray(im.convert("L"), dtype=np.int16)
+        assert pixels[name].std() > 10, f"{name} screenshot is blank"
+    assert np.abs(pixels["map"] - pixels["categories"]).mean() > 5  # each shows its own section
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshots.py"), str(run_with_images), str(dest),
+                          "--sections", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "--sections: nope not in" in bad.stderr
+    assert page.exists()
+
+
+@pytest.mark.slow
+def test_report_records_its_inputs_and_never_calls_stale_stats_fresh(tmp_path):
+    out = make_out(tmp_path)
+    stats.stats_run(out, log=lambda m: None)
+    messages = []
+    report.report_run(out, log=messages.append)
+    inputs = report.report_inputs(out)
+    gen = store.read_generation(out, store.STATS)
+    assert inputs["stats"] == {"generation": gen.record["generation"], "files": gen.record["files"], "reused": True}
+    assert inputs["dissect"] == store.dissect_inputs(store.read_epoch_records(out))
+    assert inputs["embed"]["generation"] == store.read_generation(out, store.EMBED).record["generation"]
+    assert any("using the up-to-date statistics" in m for m in messages)
+
+    table = store.read_table(store.dissect_path(out, 5), store.DISSECT)
+    table.loc[table["rank"] == 0, "score"] = 0.5
+    write_epoch(out, 5, table)  # epoch 5 redone...
+    write_embedding(out, neuron_rows(), distance_rows())  # ...and embedded again; the stats are now stale
+    messages.clear()
+    text = report.report_run(out, log=messages.append).read_text(encoding="utf-8")
+    inputs = report.report_inputs(out)
+    assert inputs["stats"] == {"reused": False, "why": "the dissect tables and embedding changed since they were computed"}
+    assert inputs["dissect"]["5"] == store.sha256_file(store.dissect_path(out, 5))
+    assert not any("up-to-date" in m for m in messages)
+    assert "computed for this report: the tables in" in text and "up-to-date" not in text
+
+
+@pytest.mark.slow
+def test_report_remakes_a_stale_embedding_with_its_settings(tmp_path):
+    from conceptmon.embedding import embed_run, read_embed_meta
+
+    out = make_run(tmp_path / "out", epochs=[1, 2], layers=["l"], n_neurons=6,
+                   embedding={"encoder": "hashvec", "map_method": "pca"})
+    embed_run(out, anchors=["field"], temperature=0.5, log=lambda m: None)
+    set_neuron(out, 2, "l", 1, ["windmill"], [0.2])
+    messages = []
+    text = report.report_run(out, log=messages.append).read_text(encoding="utf-8")
+    assert any("re-running embed with its previous settings" in m for m in messages)
+    assert "The embedding was stale" in text
+    meta = read_embed_meta(out)
+    assert meta["settings"]["anchors"] == ["field"] and meta["settings"]["temperature"] == 0.5
+    assert report.report_inputs(out)["embed"]["generation"] == meta["generation"]
+
+
+def test_report_without_a_remakeable_embedding_says_so(tmp_path):
+    out = make_out(tmp_path)
+    write_embedding(out, neuron_rows(), distance_rows(), settings={"encoder": "no-such-encoder"})
+    table = store.read_table(store.dissect_path(out, 2), store.DISSECT)
+    table.loc[table["rank"] == 0, "score"] = 0.5
+    write_epoch(out, 2, table)  # the embedding is stale, and its encoder does not exist here
+    messages = []
+    text = report.report_run(out, log=messages.append).read_text(encoding="utf-8")
+    assert any(m.startswith("notice: report without the embedding:") for m in messages)
+    assert "The embedding is stale and could not be re-made here" in text
+    assert f"run `conceptmon embed --out {out}`" in text
+    assert report.report_inputs(out)["embed"] is None
 
 
 @needs_chromium
@@ -230,8 +348,7 @@ def test_report_on_30_epochs_3_layers_512_neurons_stays_light(tmp_path):
     text = report.report_run(out, log=messages.append).read_text(encoding="utf-8")
     assert any("using the up-to-date statistics" in m for m in messages)
     assert len(text) < 20e6  # one file that a browser opens quickly
-    if HAVE_PLOTS:
-        assert f"shows {report.MAX_MAP_EPOCHS} of 30 embedded epochs" in text
+    assert "Epochs 0, 10, 19, 29 of 30 embedded (first, last, evenly spaced)" in text
     assert f"Curves for {report.MAX_CURVE_EPOCHS} of 29 later epochs" in text
     assert "images not found" in text and "[missing]" not in text  # no probe images at all
 

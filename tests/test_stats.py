@@ -96,7 +96,7 @@ def distance_rows() -> pd.DataFrame:
 
 
 def make_out(tmp_path, name="run", top1=TOP1, detector="netdissect", embed=True, encoder="minilm",
-             concept_fingerprint="f00d", probe_root=None, top_images=None) -> "Path":  # noqa: F821
+             concept_fingerprint="f00d", probe_root=None, top_images=None, probe_fingerprint="p") -> "Path":  # noqa: F821
     """Write a complete output folder by hand: manifest, per-epoch tables and records."""
     out = tmp_path / name
     table = dissect_rows(top1, run=name, detector=detector)
@@ -113,7 +113,8 @@ def make_out(tmp_path, name="run", top1=TOP1, detector="netdissect", embed=True,
             "detector": {"name": detector, "threshold": THRESHOLD},
             "concepts": {"names": names, "categories": [CATEGORY[n] for n in names],
                          "fingerprint": concept_fingerprint, "source": "hand"},
-            "probe": {"name": "synthetic", "root": str(probe_root or tmp_path / "probe"), "fingerprint": "p", "n_images": 8},
+            "probe": {"name": "synthetic", "root": str(probe_root or tmp_path / "probe"), "fingerprint": probe_fingerprint,
+                      "n_images": 8},
             "versions": {"conceptmon": "0.1.0", "torch": "2.x"},
             "checkpoints": f"/ckpts/{name}",
             "layers": ["conv", "fc"],
@@ -284,7 +285,7 @@ def test_diversity_entropy_in_bits():
                 (2, "fc"): (3, 2, h_third, 2), (5, "conv"): (4, 3, 1.5, 3), (5, "fc"): (3, 2, h_third, 2)}
     for (epoch, layer), (n, distinct, entropy, distinct_interp) in expected.items():
         row = lookup(t, epoch=epoch, layer=layer)
-        assert (row.n_neurons, row.n_distinct_concepts, row.n_distinct_interpretable) == (n, distinct, distinct_interp)
+        assert (row.n_live, row.n_distinct_concepts, row.n_distinct_interpretable) == (n, distinct, distinct_interp)
         assert row.entropy_bits == pytest.approx(entropy, abs=1e-12)
 
 
@@ -331,10 +332,12 @@ def test_stats_run_writes_every_table(tmp_path):
     out = make_out(tmp_path)
     notices = []
     tables = stats.stats_run(out, log=notices.append)
-    assert set(tables) == set(stats.TABLES)
-    for name in stats.TABLES:
-        written = store.read_table(store.stats_dir(out) / f"{name}.parquet", store.STATS_SCHEMAS[name])
-        assert len(written) == len(tables[name]) > 0
+    assert set(tables) == set(stats.statistic_names()) == set(stats.BUILTIN_STATISTICS)
+    gen = store.read_generation(out, store.STATS)
+    assert gen.record["tables"] == list(stats.BUILTIN_STATISTICS)
+    for name in stats.statistic_names():
+        written = store.read_table(stats.stats_table_path(out, name), stats.schema_of(name))
+        assert written.shape == tables[name].shape and len(written) > 0
     assert not any("notice" in n for n in notices)
     # the manifest's concept categories are all listed (material has no neuron)
     assert set(tables["categories"].category) == {"color", "material", "object", "scene", "texture"}
@@ -348,7 +351,9 @@ def test_stats_run_without_embedding_omits_anchor_tables_with_a_notice(tmp_path)
     notices = []
     tables = stats.stats_run(out, log=notices.append)
     assert "anchor_neighbors" not in tables and "anchor_distance" not in tables
-    assert not (store.stats_dir(out) / "anchor_neighbors.parquet").exists()  # stale file removed
+    gen = store.read_generation(out, store.STATS)  # the new generation alone is current
+    assert "anchor_neighbors" not in gen.record["tables"] and not gen.path("anchor_neighbors.parquet").exists()
+    assert "conceptmon embed" in gen.record["omitted"]["anchor_neighbors"]
     assert tables["diversity"].mean_cosine_distance.isna().all()
     assert sum("conceptmon embed" in n for n in notices) == 1
 
@@ -380,8 +385,9 @@ def test_cli_stats_csv_and_table(tmp_path):
     result = CliRunner().invoke(main, ["stats", "--out", str(out), "--format", "csv", "--table", "stability"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "layer,epoch_from,epoch_to,n_neurons,n_kept,share_kept"
-    assert "all,1,2,7,4,0.5714285714285714" in lines
+    assert lines[0] == ("layer,epoch_from,epoch_to,n_neurons,n_kept,share_kept,n_confident,n_confident_kept,"
+                        "share_confident_kept,n_uncertain,n_uncertain_kept,share_uncertain_kept")
+    assert "all,1,2,7,4,0.5714285714285714,7,4,0.5714285714285714,0,0," in lines
     result = CliRunner().invoke(main, ["stats", "--out", str(out), "--reference", "2", "--layers", "conv"])
     assert result.exit_code == 0, result.output
     assert "conv" in result.stdout and "interpretable" in result.stdout
@@ -398,8 +404,10 @@ def test_cli_stats_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "no dissection results" in result.stderr
     result = CliRunner().invoke(main, ["stats", "--out", str(out), "--format", "csv", "--table", "nope"])
     assert result.exit_code == 2 and "nope" in result.stderr
+    assert store.read_generation(out, store.STATS) is None  # refused before computing anything
 
 
+@pytest.mark.slow
 def test_fresh_stats_are_reused_only_while_inputs_and_options_match(tmp_path):
     out = make_out(tmp_path)
     assert stats.read_fresh_stats(out) is None  # nothing written yet
@@ -407,14 +415,219 @@ def test_fresh_stats_are_reused_only_while_inputs_and_options_match(tmp_path):
     fresh = stats.read_fresh_stats(out)
     assert fresh is not None and set(fresh) == set(written)
     pd.testing.assert_frame_equal(fresh["retention"], written["retention"], check_dtype=False)
-    # a re-dissected epoch (new file) makes them stale
+    # the same bytes written again: the content hashes match, so still fresh
     table = store.read_table(store.dissect_path(out, 5), store.DISSECT)
-    store.write_table(store.dissect_path(out, 5), table, store.DISSECT)
-    assert stats.read_fresh_stats(out) is None
-    # tables computed with non-default options are not what the report should show
-    stats.stats_run(out, reference=2, log=lambda m: None)
-    assert stats.read_fresh_stats(out) is None
+    write_epoch(out, 5, table)
+    assert stats.read_fresh_stats(out) is not None
+    # a re-dissected epoch with other labels makes them stale, and says why
+    changed = table.copy()
+    changed.loc[(changed["layer"] == "fc") & (changed["neuron"] == 2) & (changed["rank"] == 0), "concept"] = "red"
+    write_epoch(out, 5, changed)
+    tables, why = stats.check_fresh_stats(out)  # the embedding is stale now, too
+    assert tables is None and "embed: made from other dissect tables (epochs [5]" in why
+    write_embedding(out, neuron_rows(), distance_rows(), encoder="minilm")
+    assert stats.check_fresh_stats(out)[1] == "the dissect tables and embedding changed since they were computed"
     stats.stats_run(out, log=lambda m: None)
     assert stats.read_fresh_stats(out) is not None
+    # tables computed with non-default options are not what the report should show
+    stats.stats_run(out, reference=2, log=lambda m: None)
+    assert stats.check_fresh_stats(out)[1].startswith("they were computed with other options")
+    assert stats.read_fresh_stats(out, reference=2) is not None
+    stats.stats_run(out, log=lambda m: None)
+    # a new embedding generation (same dissect tables) makes them stale too
+    gen = store.read_generation(out, store.EMBED)
+    write_embedding(out, neuron_rows(), distance_rows().head(3), encoder="minilm")
+    assert store.read_generation(out, store.EMBED).record["generation"] != gen.record["generation"]
+    assert stats.check_fresh_stats(out)[1] == "the embedding changed since they were computed"
+    stats.stats_run(out, log=lambda m: None)
+    # a table of the stats generation edited on disk
+    path = stats.stats_table_path(out, "concepts")
+    path.write_bytes(path.read_bytes()[:-10])
+    assert "changed on disk" in stats.check_fresh_stats(out)[1]
+    stats.stats_run(out, log=lambda m: None)
     drop_embedding(out)
     assert stats.read_fresh_stats(out) is None
+
+
+# ----------------------------------------------------------------------------- dead units and confidence
+
+# Layer L, threshold 0.04, trust level 0.9. (concept, score, confidence) or DEAD:
+#            epoch 1               epoch 2                epoch 3
+#   n0   red   .30 c.95       red   .30 c.95        blue  .30 c.95    confident change 2->3
+#   n1   DEAD                 green .10 c.50        green .10 c.97    no change out of a dead unit
+#   n2   car   .20 c.99       car   .20 c.40        DEAD              gone at 3: not kept
+#   n3   sky   .02 c.92 (no)  red   .05 c.91        red   .05 c.20    confident change 1->2
+#   n4   dog   .10 c.50       cat   .10 c.95        cat   .10 c.95    uncertain change 1->2
+DEAD = None
+LIVES = {
+    0: {1: ("red", .30, .95), 2: ("red", .30, .95), 3: ("blue", .30, .95)},
+    1: {1: DEAD, 2: ("green", .10, .50), 3: ("green", .10, .97)},
+    2: {1: ("car", .20, .99), 2: ("car", .20, .40), 3: DEAD},
+    3: {1: ("sky", .02, .92), 2: ("red", .05, .91), 3: ("red", .05, .20)},
+    4: {1: ("dog", .10, .50), 2: ("cat", .10, .95), 3: ("cat", .10, .95)},
+}
+LIFE_CATEGORY = {"red": "color", "blue": "color", "green": "color", "car": "object", "dog": "object",
+                 "cat": "object", "sky": "scene"}
+
+
+def life_rows(with_confidence: bool = True) -> pd.DataFrame:
+    rows = []
+    for neuron, per_epoch in LIVES.items():
+        for epoch, label in per_epoch.items():
+            base = dict(run="life", epoch=epoch, layer="L", neuron=neuron, detector="netdissect", distance=0.0)
+            if label is DEAD:
+                rows.append(dict(base, rank=0, concept=None, category=None, score=0.0, interpretable=False,
+                                 dead=True, confidence=0.0, score_low=0.0, score_high=0.0))
+                continue
+            concept, score, confidence = label
+            for rank, c in enumerate([concept, "sky" if concept != "sky" else "red"]):
+                rows.append(dict(base, rank=rank, concept=c, category=LIFE_CATEGORY[c], score=score / (rank + 1),
+                                 interpretable=score >= THRESHOLD, dead=False,
+                                 confidence=confidence if with_confidence else np.nan,
+                                 score_low=np.nan, score_high=np.nan))
+    return store.to_arrow(pd.DataFrame(rows), store.DISSECT).to_pandas()
+
+
+def life_out(tmp_path, with_confidence: bool = True, name="life"):
+    out = tmp_path / name
+    table = life_rows(with_confidence)
+    for epoch in (1, 2, 3):
+        write_epoch(out, epoch, table[table["epoch"] == epoch])
+    store.write_json(out / store.MANIFEST, {
+        "run": name, "config": {"trust": {"replicates": 50 if with_confidence else 0, "level": 0.9}},
+        "detector": {"name": "netdissect", "threshold": THRESHOLD},
+        "concepts": {"names": sorted(LIFE_CATEGORY), "categories": [LIFE_CATEGORY[c] for c in sorted(LIFE_CATEGORY)],
+                     "fingerprint": "life", "source": "hand"},
+        "probe": {"name": "synthetic", "root": str(tmp_path), "fingerprint": "p", "n_images": 4},
+        "layers": ["L"]})
+    return out
+
+
+def test_dead_units_are_counted_and_skipped_by_every_concept_statistic():
+    first = stats.top1(life_rows())
+    counts = stats.interpretable_counts(first)
+    got = {int(r.epoch): (r.n_neurons, r.n_dead, r.n_interpretable) for r in counts.itertuples()}
+    assert got == {1: (5, 1, 3), 2: (5, 0, 5), 3: (5, 1, 4)}
+    assert lookup(counts, epoch=1).share_dead == 1 / 5
+    categories = stats.category_counts(first, ["color", "object", "scene"])
+    assert set(categories["category"]) == {"color", "object", "scene"}  # no category for the dead unit
+    at1 = {r.category: r.n_interpretable for r in categories[categories.epoch == 1].itertuples()}
+    assert at1 == {"color": 1, "object": 2, "scene": 0}
+    concepts = stats.concept_counts(first)
+    assert concepts["concept"].notna().all()
+    assert concepts[concepts.epoch == 1]["n_neurons"].sum() == 4  # the live ones
+    diversity = stats.concept_diversity(first)
+    assert tuple(lookup(diversity, epoch=1)[["n_live", "n_distinct_concepts"]]) == (4, 4)
+    assert lookup(diversity, epoch=1).entropy_bits == pytest.approx(2.0)
+    changes = stats.concept_changes(first)
+    assert [(r.neuron, r.epoch_from, r.concept_from, r.concept_to) for r in changes.itertuples()] == [
+        (0, 2, "red", "blue"), (3, 1, "sky", "red"), (4, 1, "dog", "cat")]
+
+
+def test_confident_and_uncertain_labels_side_by_side():
+    first = stats.top1(life_rows(), trust_level=0.9)
+    counts = stats.interpretable_counts(first)
+    got = {int(r.epoch): (r.n_confident, r.n_uncertain) for r in counts.itertuples()}
+    assert got == {1: (2, 1), 2: (3, 2), 3: (3, 1)}
+    assert lookup(counts, epoch=2).share_confident == 3 / 5
+    categories = stats.category_counts(first)
+    assert lookup(categories, epoch=1, category="object").n_confident == 1  # car yes, dog no
+
+    changes = stats.concept_changes(first)
+    assert list(changes["confident"]) == [True, True, False]
+    assert list(changes["confidence_from"]) == pytest.approx([.95, .92, .50])
+
+    stability = stats.concept_stability(first)
+    row = lookup(stability, layer="L", epoch_from=1)
+    assert (row.n_neurons, row.n_kept) == (4, 2)  # n1 is dead at 1
+    assert (row.n_confident, row.n_confident_kept, row.n_uncertain, row.n_uncertain_kept) == (3, 2, 1, 0)
+    assert row.share_confident_kept == 2 / 3 and row.share_uncertain_kept == 0
+    row = lookup(stability, layer="L", epoch_from=2)
+    assert (row.n_neurons, row.n_kept) == (4, 3)  # n2 is dead at 3
+    assert (row.n_confident, row.n_confident_kept, row.n_uncertain, row.n_uncertain_kept) == (3, 2, 1, 1)
+
+    retained = stats.retention(first, percents=[50, 75, 100])
+    expected = {  # (percent, epoch): (selected, kept, confident, confident kept, uncertain, uncertain kept)
+        (50, 2): (2, 2, 2, 2, 0, 0), (50, 3): (2, 0, 2, 0, 0, 0),
+        (75, 2): (3, 2, 2, 2, 1, 0), (100, 2): (4, 2, 3, 2, 1, 0), (100, 3): (4, 0, 3, 0, 1, 0),
+    }
+    for (percent, epoch), numbers in expected.items():
+        row = lookup(retained, layer="L", percent=percent, epoch=epoch)
+        assert (row.n_selected, row.n_kept, row.n_confident, row.n_confident_kept, row.n_uncertain,
+                row.n_uncertain_kept) == numbers, (percent, epoch)
+    assert lookup(retained, layer="L", percent=100, epoch=2).share_confident_kept == 2 / 3
+    assert np.isnan(lookup(retained, layer="L", percent=50, epoch=2).share_uncertain_kept)  # none selected: blank
+
+
+def test_unknown_confidence_is_blank_never_zero_and_never_called_confident():
+    first = stats.top1(life_rows(with_confidence=False))
+    counts = stats.interpretable_counts(first)
+    assert counts["n_confident"].isna().all() and counts["n_uncertain"].isna().all()
+    assert counts["share_confident"].isna().all()
+    assert stats.concept_changes(first)["confident"].isna().all()
+    stability = stats.concept_stability(first)
+    assert stability["n_confident"].isna().all() and stability["share_confident_kept"].isna().all()
+    assert (stability["n_kept"] >= 0).all()  # the overall numbers stay
+    assert stats.retention(first)["n_confident_kept"].isna().all()
+
+
+def test_summary_shows_dead_units_and_the_confidence_split(tmp_path):
+    out = life_out(tmp_path)
+    result = CliRunner().invoke(main, ["stats", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "epochs: 1, 2, 3 (all 3)" in text
+    assert "at epoch 3, labels with confidence >= 0.9: L 3 confident / 1 uncertain" in text
+    assert "dead units (no activation to label) at epoch 3: L 1/5; most: L at epoch 1 (1)" in text
+    assert "concept changes: 3 over 2 checkpoint transitions, 2 confident" in text
+    assert "most-changing neurons (confident changes):" in text
+    assert "L neuron 4" not in text  # its only change is uncertain
+    assert "nearest neurons per anchor" not in text  # no embedding, no anchors: no empty heading
+
+    out = life_out(tmp_path, with_confidence=False, name="off")
+    result = CliRunner().invoke(main, ["stats", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "label confidence: unknown (the dissect tables hold no bootstrap confidence: trust.replicates 0, " \
+           "or a detector that does not resample)" in result.stdout
+    assert "confident" not in result.stdout.replace("called confident", "")
+    data = json.loads(CliRunner().invoke(main, ["stats", "--out", str(out), "--format", "json"]).stdout)
+    assert data["confidence_known"] is False
+    assert {r["n_confident"] for r in data["tables"]["interpretable"]} == {None}
+
+
+def test_summary_names_the_epochs_it_shows():
+    table = pd.concat([dissect_rows({k: {e: v[1] for e in range(10)} for k, v in TOP1.items()})])
+    tables = {"interpretable": stats.interpretable_counts(table)}
+    text = stats.format_summary(tables)
+    assert text.startswith("epochs shown: 0, 1, 3, 4, 5, 6, 8, 9 (8 of 10: the first, the last and evenly spaced")
+    assert "ep 2" not in text and "ep 9" in text
+    assert stats.describe_shown_epochs([1, 2], [1, 2]) == "epochs: 1, 2 (all 2)"
+
+
+def test_stats_refuses_a_stale_embedding_in_one_line(tmp_path):
+    out = make_out(tmp_path)
+    table = store.read_table(store.dissect_path(out, 2), store.DISSECT)
+    table.loc[table["rank"] == 0, "score"] = 0.5  # epoch 2 dissected again, differently
+    write_epoch(out, 2, table)
+    result = CliRunner().invoke(main, ["stats", "--out", str(out)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "embed: made from other dissect tables (epochs [2]" in lines[0]
+    assert f"re-run `conceptmon embed --out {out}`" in lines[0]
+    assert store.read_generation(out, store.STATS) is None  # nothing written
+
+
+def test_stats_generation_records_what_it_read_and_replaces_legacy_files(tmp_path):
+    out = make_out(tmp_path)
+    store.stats_dir(out).mkdir(parents=True)
+    (store.stats_dir(out) / "interpretable.parquet").write_bytes(b"0.1 table")
+    (store.stats_dir(out) / "stats.json").write_text("{}")
+    stats.stats_run(out, layers=["conv"], anchor_k=3, log=lambda m: None)
+    record = store.read_generation(out, store.STATS).record
+    assert record["inputs"]["dissect"] == store.dissect_inputs(store.read_epoch_records(out))
+    embed = store.read_generation(out, store.EMBED)
+    assert record["inputs"]["embed"] == {"generation": embed.record["generation"], "files": embed.record["files"]}
+    assert record["options"] == {"layers": ["conv"], "reference": None, "anchor_k": 3, "trust_level": 0.9}
+    assert record["statistics"] == list(stats.BUILTIN_STATISTICS)
+    assert set(record["files"]) == {f"{n}.parquet" for n in record["tables"]}
+    assert sorted(p.name for p in store.stats_dir(out).iterdir() if p.is_file()) == ["current.json"]

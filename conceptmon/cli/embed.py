@@ -55,19 +55,37 @@ def embed_cmd(config_path, out, anchors, encoder, temperature, map_fit, placemen
 @config_option
 @out_option
 @anchors_option
+@click.option("--figure", "figure_names", default=None, metavar="map|categories|retention|compare",
+              help="The paper's figures by name (comma-separated): map (Figs. 3/14), categories (4/14), "
+                   "retention (5b), compare (6/16, needs --compare). Default: per-layer animated maps.")
+@click.option("--compare", "compare_with", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The run to compare with for --figure compare (e.g. the robust run).")
+@click.option("--labels", default=None, help="Names of the two runs for --figure compare (default: their run names).")
+@click.option("--format", "formats", default="html,png", show_default=True, metavar="html,png,svg",
+              help="Files to write for --figure: interactive HTML and/or static PNG/SVG (needs kaleido).")
 @click.option("--neurons", default=None, metavar="LAYER:N,...",
               help="Neurons to follow: coloured trajectories on the map and cards with top images.")
 @click.option("--layers", default=None, metavar="L1,L2", help="Layers to draw (default: all).")
-@click.option("--epochs", default=None, metavar="E1,E2", help="Epochs to include (default: all).")
+@click.option("--epochs", default=None, metavar="E1,E2", help="Epochs to include (default: all; for --figure: "
+                                                               "a few evenly spaced).")
 @fail_cleanly
-def plot_cmd(config_path, out, anchors, neurons, layers, epochs):
-    """Interactive maps (one frame per epoch) under OUT/plots/; embeds first when needed.
+def plot_cmd(config_path, out, anchors, figure_names, compare_with, labels, formats, neurons, layers, epochs):
+    """Interactive maps (one frame per epoch) under OUT/plots/, or with --figure the paper's
+    figures as HTML and PNG/SVG; embeds first when needed.
 
     Example: conceptmon plot --out runs/r1 --anchors windmill,field --neurons layer4:479,layer4:256
+    Example: conceptmon plot --out runs/std --figure compare --compare runs/robust --format html,svg
     """
-    from ..plots import parse_neuron_refs, plot_run
+    from ..plots import figure_run, parse_neuron_refs, plot_run
 
-    plot_run(
-        find_out(config_path, out), anchors=split_csv(anchors), neurons=parse_neuron_refs(neurons),
-        layers=split_csv(layers), epochs=parse_epochs(epochs), log=log_to_stderr,
-    )
+    out = find_out(config_path, out)
+    if figure_names is None:
+        for name, value in (("--compare", compare_with), ("--labels", labels)):
+            if value is not None:
+                raise click.UsageError(f"{name} is for --figure compare")
+        plot_run(out, anchors=split_csv(anchors), neurons=parse_neuron_refs(neurons), layers=split_csv(layers),
+                 epochs=parse_epochs(epochs), log=log_to_stderr)
+        return
+    figure_run(out, figure_names, compare=compare_with, labels=tuple(split_csv(labels)) if labels else None,
+               anchors=split_csv(anchors), neurons=parse_neuron_refs(neurons), layers=split_csv(layers),
+               epochs=parse_epochs(epochs), formats=formats, log=log_to_stderr)
