@@ -138,7 +138,9 @@ def test_folder_lists_images_sorted_and_reports_unreadable_files(tmp_path):
         limited = create_probe(ProbeConfig(name="folder", root=str(root), limit=2))
         before = limited.fingerprint()
         assert len(limited) == 2
-        os.utime(root / "a.JPG", ns=(1, 1))
+        os.utime(root / "a.JPG", ns=(1, 1))  # touched, same bytes: same content
+        assert FolderProbe(root, limit=2).fingerprint() == before
+        (root / "a.JPG").write_bytes((root / "a.JPG").read_bytes() + b"\0")  # one byte more
         assert FolderProbe(root, limit=2).fingerprint() != before
 
 

@@ -86,7 +86,7 @@ from PIL import Image
 from ..concepts import ConceptSet, strip_broden_suffix
 from ..config import ProbeConfig
 from . import register_probe
-from .base import ProbeError
+from .base import ProbeError, user_cache_dir
 from .broden import BrodenProbe
 
 GENERATOR_VERSION = 2
@@ -675,8 +675,7 @@ def default_cache_root(n: int, size: int, seed: int) -> Path:
 
     The generator version is part of the name, so a changed generator never reuses an old set.
     """
-    base = os.environ.get("CONCEPTMON_CACHE") or Path.home() / ".cache" / "conceptmon"
-    return Path(base).expanduser() / "synthetic" / f"n{n}_s{size}_seed{seed}_v{GENERATOR_VERSION}"
+    return user_cache_dir() / "synthetic" / f"n{n}_s{size}_seed{seed}_v{GENERATOR_VERSION}"
 
 
 # ----------------------------------------------------------------------------- the probe set
@@ -695,8 +694,8 @@ class SyntheticProbe(BrodenProbe):
             )
         super().__init__(root, split=split, limit=limit)
 
-    def _fingerprint_files(self) -> list[Path]:
-        return super()._fingerprint_files() + [self.root / MARKER]
+    def _content_files(self) -> list[tuple[str, str | Path]]:
+        return [(MARKER, self.root / MARKER), *super()._content_files()]
 
 
 @register_probe("synthetic")
