@@ -56,7 +56,7 @@ def test_planted_units_are_named_from_checkpoint_files(synthetic_root, tmp_path)
     })
     dissect_run(cfg, ckpts=ckpts, out=tmp_path / "out", log=lambda m: None)
     df = store.read_dissect(tmp_path / "out")
-    expected = [(u, c) for u, c in PlantedUnits(colours).planted_expectations()]
+    expected = PlantedUnits(colours).planted_expectations()
     categories = {**dict.fromkeys(colours, "color"), "striped": "texture", "beach": "scene"}
     for unit, concept in expected:
         rows = df[df.neuron == unit].sort_values("rank")

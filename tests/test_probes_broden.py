@@ -273,6 +273,25 @@ def write_png16(path, samples: np.ndarray) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
+def write_tiff16(path, samples: np.ndarray) -> None:
+    """A little-endian, uncompressed TIFF with 16 bits per RGB sample, written by hand."""
+    samples = np.asarray(samples)
+    h, w, c = samples.shape
+    data = samples.astype("<u2").tobytes()
+    n_tags, ifd = 10, 8
+    bits_at = ifd + 2 + n_tags * 12 + 4
+    data_at = bits_at + 2 * c
+
+    def tag(code, kind, count, value):  # kind 3 = SHORT, 4 = LONG
+        packed = struct.pack("<H", value) + b"\0\0" if kind == 3 and count == 1 else struct.pack("<I", value)
+        return struct.pack("<HHI", code, kind, count) + packed
+
+    tags = [tag(256, 4, 1, w), tag(257, 4, 1, h), tag(258, 3, c, bits_at), tag(259, 3, 1, 1), tag(262, 3, 1, 2),
+            tag(273, 4, 1, data_at), tag(277, 3, 1, c), tag(278, 4, 1, h), tag(279, 4, 1, len(data)), tag(284, 3, 1, 1)]
+    head = b"II*\0" + struct.pack("<IH", ifd, n_tags) + b"".join(tags) + b"\0\0\0\0"
+    path.write_bytes(head + struct.pack("<" + "H" * c, *([16] * c)) + data)
+
+
 def _rgb_planes(numbers: np.ndarray) -> np.ndarray:
     return np.stack([numbers % 256, numbers // 256, np.zeros_like(numbers)], axis=-1)
 
@@ -285,14 +304,15 @@ def _expected_colours(probe):
     return {probe.concepts.names[probe.labels.lookup[v] - 1]: int((COLOUR_MAP == v).sum()) for v in (1, 2, 300)}
 
 
-@pytest.mark.parametrize("encoding", ["scaled", "unscaled", "scaled-rgba"])
+@pytest.mark.parametrize("encoding", ["scaled", "unscaled", "scaled-rgba", "unscaled-tiff", "scaled-tiff"])
 def test_sixteen_bit_label_maps_decode_to_the_same_numbers(tiny, encoding):
     planes = _rgb_planes(COLOUR_MAP)
     if encoding.startswith("scaled"):
         planes = planes * 257  # what an image tool writes converting the 8-bit map to 16 bits
     if encoding.endswith("rgba"):
         planes = np.concatenate([planes, np.full((4, 4, 1), 65535)], axis=-1)
-    write_png16(tiny.root / "images/ade/img3_color.png", planes)
+    write = write_tiff16 if encoding.endswith("tiff") else write_png16  # TIFF: little-endian samples
+    write(tiny.root / "images/ade/img3_color.png", planes)
     probe = BrodenProbe(tiny.root)
     assert probe.labels_of(3, "color") == dict(sorted(_expected_colours(probe).items(), key=lambda kv: -kv[1]))
 
@@ -390,3 +410,12 @@ def test_fingerprint_survives_a_corrupt_hash_table_and_names_missing_files(tiny,
     (tiny.root / "images/ade/img1.jpg").unlink()
     with pytest.raises(ProbeError, match=r"images/ade/img1.jpg: not found \(the probe set lists it\)"):
         BrodenProbe(tiny.root).fingerprint()
+
+
+def test_sixteen_bit_layouts_without_a_byte_swap_are_refused(tiny, monkeypatch):
+    from conceptmon.probes import broden
+
+    monkeypatch.setattr(broden, "_BYTE_SWAP", {})  # as for a layout this reader does not know
+    write_png16(tiny.root / "images/ade/img3_color.png", _rgb_planes(COLOUR_MAP))
+    with pytest.raises(ProbeError, match=r"img3_color.png: 16-bit label map in an unsupported layout \(RGB;16B\)"):
+        BrodenProbe(tiny.root).load_annotation(3)

@@ -63,6 +63,18 @@ def test_cifar_images_come_from_the_pickled_planes(tmp_path, str_keys):
     assert train.fingerprint() != CifarProbe(tmp_path, split="train").fingerprint()  # limit counts
 
 
+def test_cifar_fingerprint_follows_content_not_location(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("CONCEPTMON_CACHE", str(tmp_path / "user-cache"))
+    write_cifar(tmp_path / "a")
+    first = CifarProbe(tmp_path / "a").fingerprint()
+    assert CifarProbe(shutil.copytree(tmp_path / "a", tmp_path / "b")).fingerprint() == first
+    shutil.rmtree(tmp_path / "a")
+    write_cifar(tmp_path / "a", str_keys=True)  # the same images pickled differently: other bytes
+    assert CifarProbe(tmp_path / "a").fingerprint() != first
+
+
 def test_cifar_registry_and_errors(tmp_path):
     assert {"cifar100", "folder"} <= set(list_probes())
     write_cifar(tmp_path)

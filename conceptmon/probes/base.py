@@ -8,8 +8,8 @@ Concept indices are 0-based positions in ``probe.concepts``; pixel label maps st
 to the probe root, its length and its vocabulary. The same files copied to another root,
 or touched, give the same fingerprint (shards on different nodes with local copies
 agree); any changed byte, image or selection (split, limit) gives another. File hashes
-are remembered per machine in ``<user cache>/file-hashes/`` keyed by the file's resolved
-path, size, mtime and ctime, so a repeat run only stats the files.
+are remembered per machine in ``<user cache>/file-hashes/`` (see :class:`FileHashes`),
+so a repeat run only stats the files.
 """
 from __future__ import annotations
 
@@ -131,6 +131,7 @@ class FileHashes:
         self.table = user_cache_dir() / "file-hashes" / f"{hashlib.sha256(where.encode()).hexdigest()[:16]}.json"
         self.known: dict[str, list] = {}
         self.changed = False
+        self.cwd = os.getcwd()
         try:
             data = json.loads(self.table.read_text(encoding="utf-8"))
             if isinstance(data, dict) and data.get("format") == TABLE_FORMAT and isinstance(data.get("files"), dict):
@@ -140,8 +141,8 @@ class FileHashes:
 
     def digest(self, path: str | Path) -> str:
         key = os.fspath(path)
-        if not os.path.isabs(key):
-            key = os.path.abspath(key)  # not resolved: the stamp below identifies the file itself
+        if not os.path.isabs(key):  # joined, not normalised or resolved: the stamp identifies the file
+            key = os.path.join(self.cwd, key)
         try:
             st = os.stat(key)
         except FileNotFoundError:

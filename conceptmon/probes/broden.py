@@ -347,7 +347,8 @@ def common_mask_size(rows: list[IndexRow], path: Path) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- label maps
 
-_SIXTEEN_BIT = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+_BYTE_SWAP = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B"}
+"""16-bit-per-channel layouts, and the layout that reads the other byte of every sample."""
 
 
 def read_label_numbers(path: Path) -> np.ndarray:
@@ -356,9 +357,10 @@ def read_label_numbers(path: Path) -> np.ndarray:
     Raises ProbeError (naming ``path``) for encodings that would be guessed, never zeros.
     """
     with Image.open(path) as im:
-        rawmode = _tile_rawmode(im)
-        if rawmode in _SIXTEEN_BIT:
-            return _sixteen_bit_numbers(path, im, rawmode)
+        rawmodes = {_rawmode(tile) for tile in getattr(im, "tile", None) or []}
+        sixteen = {r for r in rawmodes if r and ";16" in r}
+        if sixteen and im.mode in ("RGB", "RGBA"):
+            return _sixteen_bit_numbers(path, im, sixteen)
         im.load()
         mode = im.mode
         if mode in ("P", "PA"):
@@ -377,21 +379,30 @@ def read_label_numbers(path: Path) -> np.ndarray:
     )
 
 
-def _tile_rawmode(im: Image.Image) -> str | None:
-    tile = getattr(im, "tile", None) or []
-    args = getattr(tile[0], "args", None) if len(tile) == 1 else None
+def _rawmode(tile) -> str | None:
+    """The pixel layout a decoder tile reads: PNG tiles name it, TIFF tiles lead with it."""
+    args = getattr(tile, "args", None)
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
     return args if isinstance(args, str) else None
 
 
-def _sixteen_bit_numbers(path: Path, im: Image.Image, rawmode: str) -> np.ndarray:
-    """A 16-bit-per-channel PNG. Pillow decodes those to 8 bits by keeping each sample's high
-    byte, which reads unscaled maps (samples below 256) as zeros; decoding the same data a
-    second time as little-endian yields the low bytes, so the full samples are known."""
+def _with_rawmode(tile, rawmode: str):
+    args = tile.args
+    return tile._replace(args=(rawmode, *args[1:]) if isinstance(args, tuple) else rawmode)
+
+
+def _sixteen_bit_numbers(path: Path, im: Image.Image, rawmodes: set[str]) -> np.ndarray:
+    """A 16-bit-per-channel RGB(A) map. Pillow decodes those to 8 bits by keeping each
+    sample's high byte, which reads unscaled maps (samples below 256) as zeros; decoding
+    the same data again with the byte order swapped yields the low bytes."""
+    if len(rawmodes) != 1 or next(iter(rawmodes)) not in _BYTE_SWAP:
+        raise ProbeError(f"{path}: 16-bit label map in an unsupported layout ({', '.join(sorted(rawmodes))}); "
+                         f"save label maps as 8-bit RGB (label = R + 256 * G)")
     im.load()
     high = np.asarray(im)[..., :2].astype(np.int64)
     with Image.open(path) as again:
-        name, extents, offset = again.tile[0][:3]
-        again.tile = [type(again.tile[0])(name, extents, offset, _SIXTEEN_BIT[rawmode])]
+        again.tile = [_with_rawmode(t, _BYTE_SWAP[_rawmode(t)]) for t in again.tile]
         again.load()
         low = np.asarray(again)[..., :2].astype(np.int64)
     if (high == low).all():  # every sample is an 8-bit value v scaled to v * 257
@@ -509,7 +520,7 @@ class BrodenProbe(ProbeSet):
         tables = [self.index_path, self.root / "label.csv", self.root / "category.csv"]
         tables += sorted(self.root.glob("c_*.csv"))
         files: list[tuple[str, str | Path]] = [(p.name, p) for p in tables if p.exists()]
-        images = os.path.join(os.path.abspath(self.root), "images")  # plain strings: 60k rows x pathlib is slow
+        images = os.path.join(self.root, "images")  # plain strings: 60k rows through pathlib is slow
         for row in self._rows:
             for rel in (row.image, *(m for _, m in row.maps)):
                 files.append((f"images/{rel}", os.path.join(images, rel)))
