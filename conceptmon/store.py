@@ -246,9 +246,14 @@ def map_cache_dir(cache: Path) -> Path:
     return Path(cache) / "maps"
 
 
-def file_stat_cache_path(cache: Path) -> Path:
-    """(path, size, mtime) -> content hash of probe files, so repeat runs do not rehash."""
-    return Path(cache) / "file_hashes.json"
+def file_hash_table(cache: Path, key: str) -> Path:
+    """Remembered content hashes of one probe root's files (see probes.base.FileHashes)."""
+    return Path(cache) / "file-hashes" / f"{key}.json"
+
+
+def synthetic_cache_dir(cache: Path) -> Path:
+    """Where synthetic probe sets without a configured root are generated."""
+    return Path(cache) / "synthetic"
 
 
 # ----------------------------------------------------------------------------- atomic writes

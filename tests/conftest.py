@@ -1,8 +1,23 @@
+import os
+
 import pytest
 
 from conceptmon.probes import register_probe
 
 from .fakes import random_probe
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """Every test (and every process a test starts) uses one throw-away user cache, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    old = os.environ.get("CONCEPTMON_CACHE")
+    os.environ["CONCEPTMON_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("CONCEPTMON_CACHE", None)
+    else:
+        os.environ["CONCEPTMON_CACHE"] = old
 
 
 @pytest.fixture

@@ -1,6 +1,11 @@
 """The Broden-format reader against a hand-made tiny folder (tests/fixtures_broden.py)."""
 from __future__ import annotations
 
+import os
+import shutil
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,6 +13,7 @@ from PIL import Image
 from conceptmon.config import ProbeConfig
 from conceptmon.probes import ProbeError, create_probe
 from conceptmon.probes.broden import BrodenProbe, primary_category, read_broden_concepts
+from conceptmon.probes.synthetic import SyntheticProbe, generate_synthetic
 from .fixtures_broden import (
     CATEGORIES,
     LABELS,
@@ -205,3 +211,211 @@ def test_grayscale_label_maps_are_read_as_numbers(tiny):
     Image.fromarray(np.full((4, 4), 2, dtype=np.uint8), "L").save(tiny.root / "images/ade/img3_color.png")
     probe = BrodenProbe(tiny.root)
     assert probe.labels_of(3, "color") == {"blue": 16}
+
+
+# ----------------------------------------------------------------------------- label-number bounds
+
+
+@pytest.mark.parametrize("number", ["99999999999", "1" + "0" * 30, "65536"])
+def test_huge_label_numbers_in_label_csv_are_refused_without_allocating(tiny, number):
+    _replace_in(tiny.root / "label.csv", "4,leg", f"{number},leg")
+    with pytest.raises(ProbeError, match=rf"label.csv: line 6, column number: label number {number} is too large "
+                                         r"\(at most 65535, the largest R \+ 256 \* G of an 8-bit label map\)"):
+        BrodenProbe(tiny.root)
+
+
+def test_largest_label_number_is_accepted(tiny):
+    _replace_in(tiny.root / "label.csv", "4,leg", "65535,leg")
+    write_label_png(tiny.root / "images/ade/img0_part_1.png", np.full((4, 4), 65535))
+    probe = BrodenProbe(tiny.root)
+    assert probe.labels_of(0, "part")["leg"] == 16
+
+
+def test_huge_numbers_in_index_csv_are_refused(tiny):
+    _replace_in(tiny.root / "index.csv", ",6,", ",99999999999,")
+    with pytest.raises(ProbeError, match=r"index.csv: line 3, column scene: label number 99999999999 is too large"):
+        BrodenProbe(tiny.root)
+
+
+def test_huge_segmentation_size_is_refused(tiny):
+    text = (tiny.root / "index.csv").read_text().replace(",8,8,4,4,", ",8,8,99999999999,4,")
+    (tiny.root / "index.csv").write_text(text)
+    with pytest.raises(ProbeError, match=r"index.csv: line 2, columns sh/sw: segmentation size 99999999999x4 is too "
+                                         r"large \(at most 64000000 pixels\)"):
+        BrodenProbe(tiny.root)
+
+
+def test_mask_values_beyond_label_csv_are_named(tiny):
+    Image.fromarray(np.full((4, 4), 99_999_999, dtype=np.int32), "I").save(tiny.root / "images/ade/img3_color.png",
+                                                                          format="TIFF")
+    with pytest.raises(ProbeError, match=r"img3_color.png: label number 99999999 not in label.csv \(largest is 300\)"):
+        BrodenProbe(tiny.root).load_annotation(3)
+    Image.fromarray(np.full((4, 4), -5, dtype=np.int32), "I").save(tiny.root / "images/ade/img3_color.png",
+                                                                  format="TIFF")
+    with pytest.raises(ProbeError, match=r"img3_color.png: label map holds negative numbers \(mode I\)"):
+        BrodenProbe(tiny.root).load_annotation(3)
+
+
+# ----------------------------------------------------------------------------- label-map encodings
+
+
+def write_png16(path, samples: np.ndarray) -> None:
+    """A PNG with 16 bits per channel (RGB for (h, w, 3), RGBA for (h, w, 4)), written by hand:
+    Pillow reads these but cannot write them."""
+    samples = np.asarray(samples)
+    h, w, c = samples.shape
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def write_tiff16(path, samples: np.ndarray) -> None:
+    """A little-endian, uncompressed TIFF with 16 bits per RGB sample, written by hand."""
+    samples = np.asarray(samples)
+    h, w, c = samples.shape
+    data = samples.astype("<u2").tobytes()
+    n_tags, ifd = 10, 8
+    bits_at = ifd + 2 + n_tags * 12 + 4
+    data_at = bits_at + 2 * c
+
+    def tag(code, kind, count, value):  # kind 3 = SHORT, 4 = LONG
+        packed = struct.pack("<H", value) + b"\0\0" if kind == 3 and count == 1 else struct.pack("<I", value)
+        return struct.pack("<HHI", code, kind, count) + packed
+
+    tags = [tag(256, 4, 1, w), tag(257, 4, 1, h), tag(258, 3, c, bits_at), tag(259, 3, 1, 1), tag(262, 3, 1, 2),
+            tag(273, 4, 1, data_at), tag(277, 3, 1, c), tag(278, 4, 1, h), tag(279, 4, 1, len(data)), tag(284, 3, 1, 1)]
+    head = b"II*\0" + struct.pack("<IH", ifd, n_tags) + b"".join(tags) + b"\0\0\0\0"
+    path.write_bytes(head + struct.pack("<" + "H" * c, *([16] * c)) + data)
+
+
+def _rgb_planes(numbers: np.ndarray) -> np.ndarray:
+    return np.stack([numbers % 256, numbers // 256, np.zeros_like(numbers)], axis=-1)
+
+
+COLOUR_MAP = np.array([[1, 1, 2, 2], [300, 300, 2, 2], [1, 0, 0, 2], [300, 1, 2, 0]])
+"""Raw label numbers for img3_color.png: red, blue, purple (300 = R 44 + 256 * G 1) and unlabelled."""
+
+
+def _expected_colours(probe):
+    return {probe.concepts.names[probe.labels.lookup[v] - 1]: int((COLOUR_MAP == v).sum()) for v in (1, 2, 300)}
+
+
+@pytest.mark.parametrize("encoding", ["scaled", "unscaled", "scaled-rgba", "unscaled-tiff", "scaled-tiff"])
+def test_sixteen_bit_label_maps_decode_to_the_same_numbers(tiny, encoding):
+    planes = _rgb_planes(COLOUR_MAP)
+    if encoding.startswith("scaled"):
+        planes = planes * 257  # what an image tool writes converting the 8-bit map to 16 bits
+    if encoding.endswith("rgba"):
+        planes = np.concatenate([planes, np.full((4, 4, 1), 65535)], axis=-1)
+    write = write_tiff16 if encoding.endswith("tiff") else write_png16  # TIFF: little-endian samples
+    write(tiny.root / "images/ade/img3_color.png", planes)
+    probe = BrodenProbe(tiny.root)
+    assert probe.labels_of(3, "color") == dict(sorted(_expected_colours(probe).items(), key=lambda kv: -kv[1]))
+
+
+def test_sixteen_bit_maps_that_are_neither_scaled_nor_small_are_refused(tiny):
+    planes = _rgb_planes(COLOUR_MAP) * 257
+    planes[0, 0, 0] = 1000  # neither v * 257 nor below 256
+    write_png16(tiny.root / "images/ade/img3_color.png", planes)
+    with pytest.raises(ProbeError, match=r"img3_color.png: 16-bit-per-channel label map whose samples are neither "
+                                         r"8-bit values scaled by 257 nor below 256"):
+        BrodenProbe(tiny.root).load_annotation(3)
+
+
+def test_palette_label_maps_use_their_palette_colours(tiny):
+    colours = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (44, 1, 0)]  # raw 0, 1, 2, 300
+    index = {0: 0, 1: 1, 2: 2, 300: 3}
+    im = Image.fromarray(np.vectorize(index.get)(COLOUR_MAP).astype(np.uint8), "P")
+    im.putpalette([v for rgb in colours for v in rgb])
+    im.save(tiny.root / "images/ade/img3_color.png")
+    probe = BrodenProbe(tiny.root)
+    assert probe.labels_of(3, "color") == dict(sorted(_expected_colours(probe).items(), key=lambda kv: -kv[1]))
+
+
+def test_sixteen_bit_greyscale_label_maps_hold_the_number(tiny):
+    Image.fromarray(COLOUR_MAP.astype(np.uint16)).save(tiny.root / "images/ade/img3_color.png")
+    assert Image.open(tiny.root / "images/ade/img3_color.png").mode == "I;16"
+    probe = BrodenProbe(tiny.root)
+    assert probe.labels_of(3, "color") == dict(sorted(_expected_colours(probe).items(), key=lambda kv: -kv[1]))
+
+
+@pytest.mark.parametrize("mode, fmt", [("LA", "PNG"), ("F", "TIFF"), ("CMYK", "JPEG")])
+def test_other_label_map_modes_are_refused(tiny, mode, fmt):
+    Image.new(mode, (4, 4)).save(tiny.root / "images/ade/img3_color.png", format=fmt)
+    with pytest.raises(ProbeError, match=rf"img3_color.png: unsupported label-map mode {mode} \(use RGB with label = "
+                                         r"R \+ 256 \* G, or greyscale L / I;16 holding the label number\)"):
+        BrodenProbe(tiny.root).load_annotation(3)
+
+
+# ----------------------------------------------------------------------------- content fingerprint
+
+
+@pytest.fixture
+def hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPTMON_CACHE", str(tmp_path / "user-cache"))
+    return tmp_path / "user-cache" / "file-hashes"
+
+
+def test_fingerprint_follows_content_not_location(tmp_path, hash_cache):
+    root = generate_synthetic(tmp_path / "a" / "probe", n=12, size=32, seed=0)
+    first = SyntheticProbe(root).fingerprint()
+    copied = shutil.copytree(root, tmp_path / "elsewhere" / "probe")  # same bytes, another root
+    assert SyntheticProbe(copied).fingerprint() == first
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for path in sorted(root.rglob("*")):  # a plain copy: new mtimes as well
+        target = fresh / path.relative_to(root)
+        if path.is_dir():
+            target.mkdir()
+        else:
+            target.write_bytes(path.read_bytes())
+    assert SyntheticProbe(fresh).fingerprint() == first
+    assert BrodenProbe(root).fingerprint() != first  # another reader of the same folder
+    generate_synthetic(root, n=12, size=32, seed=1, overwrite=True)  # other content, same root
+    assert SyntheticProbe(root).fingerprint() != first
+    assert SyntheticProbe(root, limit=5).fingerprint() != SyntheticProbe(root).fingerprint()
+
+
+def test_fingerprint_sees_any_changed_byte_and_caches_unchanged_files(tiny, hash_cache, monkeypatch):
+    from conceptmon.probes import base
+
+    calls = []
+    real = base.file_sha256
+    monkeypatch.setattr(base, "file_sha256", lambda path: calls.append(path) or real(path))
+    before = BrodenProbe(tiny.root).fingerprint()
+    n_files = len(calls)
+    assert n_files == 8 + 4 + 8 and any(hash_cache.glob("*.json"))  # index, label, category, 5 c_*.csv; images; maps
+    calls.clear()
+    assert BrodenProbe(tiny.root).fingerprint() == before and calls == []  # warm: nothing rehashed
+    jpg = tiny.root / "images/ade/img1.jpg"
+    st = jpg.stat()
+    data = bytearray(jpg.read_bytes())
+    data[-10] ^= 0xFF  # one byte, same size
+    jpg.write_bytes(bytes(data))
+    os.utime(jpg, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime, as `cp -p` or rsync -t keep it
+    assert jpg.stat().st_size == st.st_size and jpg.stat().st_mtime_ns == st.st_mtime_ns
+    assert BrodenProbe(tiny.root).fingerprint() != before  # ctime gave it away
+    assert calls == [os.path.abspath(jpg)]
+
+
+def test_fingerprint_survives_a_corrupt_hash_table_and_names_missing_files(tiny, hash_cache):
+    before = BrodenProbe(tiny.root).fingerprint()
+    for table in hash_cache.glob("*.json"):
+        table.write_text("{not json")
+    assert BrodenProbe(tiny.root).fingerprint() == before
+    (tiny.root / "images/ade/img1.jpg").unlink()
+    with pytest.raises(ProbeError, match=r"images/ade/img1.jpg: not found \(the probe set lists it\)"):
+        BrodenProbe(tiny.root).fingerprint()
+
+
+def test_sixteen_bit_layouts_without_a_byte_swap_are_refused(tiny, monkeypatch):
+    from conceptmon.probes import broden
+
+    monkeypatch.setattr(broden, "_BYTE_SWAP", {})  # as for a layout this reader does not know
+    write_png16(tiny.root / "images/ade/img3_color.png", _rgb_planes(COLOUR_MAP))
+    with pytest.raises(ProbeError, match=r"img3_color.png: 16-bit label map in an unsupported layout \(RGB;16B\)"):
+        BrodenProbe(tiny.root).load_annotation(3)

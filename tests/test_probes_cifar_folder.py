@@ -63,6 +63,18 @@ def test_cifar_images_come_from_the_pickled_planes(tmp_path, str_keys):
     assert train.fingerprint() != CifarProbe(tmp_path, split="train").fingerprint()  # limit counts
 
 
+def test_cifar_fingerprint_follows_content_not_location(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("CONCEPTMON_CACHE", str(tmp_path / "user-cache"))
+    write_cifar(tmp_path / "a")
+    first = CifarProbe(tmp_path / "a").fingerprint()
+    assert CifarProbe(shutil.copytree(tmp_path / "a", tmp_path / "b")).fingerprint() == first
+    shutil.rmtree(tmp_path / "a")
+    write_cifar(tmp_path / "a", str_keys=True)  # the same images pickled differently: other bytes
+    assert CifarProbe(tmp_path / "a").fingerprint() != first
+
+
 def test_cifar_registry_and_errors(tmp_path):
     assert {"cifar100", "folder"} <= set(list_probes())
     write_cifar(tmp_path)
@@ -138,7 +150,9 @@ def test_folder_lists_images_sorted_and_reports_unreadable_files(tmp_path):
         limited = create_probe(ProbeConfig(name="folder", root=str(root), limit=2))
         before = limited.fingerprint()
         assert len(limited) == 2
-        os.utime(root / "a.JPG", ns=(1, 1))
+        os.utime(root / "a.JPG", ns=(1, 1))  # touched, same bytes: same content
+        assert FolderProbe(root, limit=2).fingerprint() == before
+        (root / "a.JPG").write_bytes((root / "a.JPG").read_bytes() + b"\0")  # one byte more
         assert FolderProbe(root, limit=2).fingerprint() != before
 
 

@@ -2,12 +2,22 @@
 
 Concept indices are 0-based positions in ``probe.concepts``; pixel label maps store
 ``index + 1`` so that 0 means "no label here".
+
+**Fingerprints** stand for a probe set's *content*: the bytes of every file it reads
+(index tables, the images and label maps it uses, in order), with their paths relative
+to the probe root, its length and its vocabulary. The same files copied to another root,
+or touched, give the same fingerprint (shards on different nodes with local copies
+agree); any changed byte, image or selection (split, limit) gives another. File hashes
+are remembered per machine in ``<user cache>/file-hashes/`` (see :class:`FileHashes`),
+so a repeat run only stats the files.
 """
 from __future__ import annotations
 
 from ..errors import ConceptmonError
 
 import hashlib
+import json
+import os
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -16,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import store
 from ..concepts import ConceptSet
 
 # Refuse absurd images rather than let PIL allocate gigabytes (decompression bombs).
@@ -66,19 +77,104 @@ class ProbeSet(ABC):
         raise ProbeError(f"probe set {self.name!r} has no segmentation masks")
 
     def fingerprint(self) -> str:
-        """Changes whenever the images, their order or their labels could have changed."""
-        h = hashlib.sha256()
-        h.update(f"{self.name}\n{Path(self.root).resolve()}\n{len(self)}\n".encode())
-        for p in self._fingerprint_files():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        if self.concepts is not None:
-            h.update(self.concepts.fingerprint().encode())
-        return h.hexdigest()[:16]
+        """Hash of the content: changes when any file used, their order or the labels change,
+        not when the same files sit under another root (see the module docstring)."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            cached = self._fingerprint = content_fingerprint(
+                self.name, len(self), self._content_files(), self.concepts.fingerprint() if self.concepts else "",
+                root=self.root,
+            )
+        return cached
 
-    def _fingerprint_files(self) -> list[Path]:
-        """Index files whose size and mtime stand for the whole set."""
+    def _content_files(self) -> list[tuple[str, str | Path]]:
+        """(name relative to the probe root, path) of every file whose bytes make up the set, in order."""
         return []
+
+
+# ----------------------------------------------------------------------------- content fingerprints
+
+FINGERPRINT_FORMAT = 2
+
+
+def content_fingerprint(name: str, length: int, files: list[tuple[str, str | Path]], extra: str = "",
+                        root: Path | None = None) -> str:
+    """16 hex digits of sha256 over the probe kind, its length, each file's relative name and
+    content hash (in the given order) and ``extra``. ``root`` only picks the hash table."""
+    hashes = FileHashes(root)
+    h = hashlib.sha256(f"conceptmon probe v{FINGERPRINT_FORMAT}\n{name}\n{length}\n".encode())
+    for rel, path in files:
+        h.update(f"{rel}\0{hashes.digest(path)}\n".encode())
+    h.update(extra.encode())
+    hashes.save()
+    return h.hexdigest()[:16]
+
+
+TABLE_FORMAT = 1
+
+
+class FileHashes:
+    """sha256 of files, remembered in a JSON table per probe root (and machine and user).
+
+    An entry is reused while the file's absolute path and its size, mtime_ns, ctime_ns,
+    inode and device are unchanged: ctime cannot be set back by tools that preserve
+    mtimes, and inode and device name the very file behind any symlink. A missing,
+    unreadable or unwritable table only costs a rehash.
+    """
+
+    def __init__(self, root: Path | None = None):
+        where = str(Path(root).resolve()) if root is not None else ""
+        self.table = store.file_hash_table(store.user_cache_dir(), hashlib.sha256(where.encode()).hexdigest()[:16])
+        self.known: dict[str, list] = {}
+        self.changed = False
+        self.cwd = os.getcwd()
+        try:
+            data = json.loads(self.table.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("format") == TABLE_FORMAT and isinstance(data.get("files"), dict):
+                self.known = data["files"]
+        except (OSError, ValueError):
+            pass
+
+    def digest(self, path: str | Path) -> str:
+        key = os.fspath(path)
+        if not os.path.isabs(key):  # joined, not normalised or resolved: the stamp identifies the file
+            key = os.path.join(self.cwd, key)
+        try:
+            st = os.stat(key)
+        except FileNotFoundError:
+            raise ProbeError(f"{path}: not found (the probe set lists it)") from None
+        except OSError as e:
+            raise ProbeError(f"{path}: unreadable ({e.strerror or e})") from None
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+        entry = self.known.get(key)
+        if isinstance(entry, list) and len(entry) == len(stamp) + 1 and entry[:-1] == stamp:
+            return entry[-1]
+        digest = file_sha256(key)
+        self.known[key] = [*stamp, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        from ..store import write_text
+
+        try:
+            write_text(self.table, json.dumps({"format": TABLE_FORMAT, "files": self.known}, separators=(",", ":")))
+        except ConceptmonError:
+            pass  # a read-only home: fingerprints stay right, they are just recomputed next time
+        self.changed = False
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        raise ProbeError(f"{path}: unreadable ({e.strerror or e})") from None
+    return h.hexdigest()
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -16,10 +16,25 @@ annotated for that category.
 Every Broden label becomes one concept (its position in ``probe.concepts``), named
 without Broden's one-letter suffix (``red-c`` -> ``red``) and filed under its primary
 category: the one where it has the largest coverage.
+
+Label numbers are at most :data:`MAX_LABEL_NUMBER` (65535, the largest R + 256 * G of an
+8-bit label map); larger ones in label.csv or index.csv are refused, as are segmentation
+sizes over ``Image.MAX_IMAGE_PIXELS``. Label maps may be stored as
+
+* 8-bit RGB or RGBA (alpha ignored): label = R + 256 * G, Broden's own encoding;
+* palette (P, PA): the palette colours are the RGB encoding above (what PNG optimisers
+  make of an RGB label map);
+* 16 bits per channel RGB or RGBA: the same map with every 8-bit sample scaled to 16
+  bits (v * 257, what image tools write when they convert) or stored unscaled (every
+  sample below 256); anything else is refused;
+* greyscale L, I;16 or I (32-bit, non-negative): the label number itself.
+
+Other modes (LA, F, CMYK, ...) are refused with one line naming the file.
 """
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,6 +48,8 @@ from . import register_probe
 from .base import Annotation, ProbeError, ProbeSet, open_rgb
 
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
+MAX_LABEL_NUMBER = 65535
+"""The largest label number an 8-bit R + 256 * G label map can hold."""
 SIZE_COLUMNS = ("ih", "iw", "sh", "sw")
 DOWNLOAD_HINT = (
     "download Broden with netdissect's script/dlbroden.sh (broden1_224) and point probe.root at it, "
@@ -146,6 +163,15 @@ def _category_counts(cell: str, path: Path, line: int) -> dict[str, int]:
     return counts
 
 
+def _check_label_number(number: int, path: Path, line: int, column: str) -> int:
+    if number > MAX_LABEL_NUMBER:
+        raise ProbeError(
+            f"{path}: line {line}, column {column}: label number {number} is too large "
+            f"(at most {MAX_LABEL_NUMBER}, the largest R + 256 * G of an 8-bit label map)"
+        )
+    return number
+
+
 def _check_inside(relpath: str, path: Path, line: int, column: str) -> None:
     """Paths in index.csv are relative to images/ and must not climb out of the probe folder."""
     p = PurePosixPath(relpath.replace("\\", "/"))
@@ -202,6 +228,7 @@ def read_labels(root: Path, categories: list[str]) -> BrodenLabels:
         name = fields[col["name"]].strip()
         if number == 0:  # Broden's "-" row stands for "no label"
             continue
+        _check_label_number(number, path, line, "number")
         if not name:
             raise ProbeError(f"{path}: line {line}, column name: empty label name for number {number}")
         if number in first_line:
@@ -261,6 +288,11 @@ def read_index(path: Path) -> tuple[list[str], list[IndexRow]]:
         sizes = {c: _parse_int(fields[col[c]], path, line, c) for c in SIZE_COLUMNS}
         if sizes["sh"] == 0 or sizes["sw"] == 0:
             raise ProbeError(f"{path}: line {line}, columns sh/sw: segmentation size must be positive")
+        if sizes["sh"] * sizes["sw"] > Image.MAX_IMAGE_PIXELS:
+            raise ProbeError(
+                f"{path}: line {line}, columns sh/sw: segmentation size {sizes['sh']}x{sizes['sw']} is too large "
+                f"(at most {Image.MAX_IMAGE_PIXELS} pixels)"
+            )
         maps: list[tuple[int, str]] = []
         labels: list[tuple[int, int]] = []
         present = []
@@ -269,7 +301,7 @@ def read_index(path: Path) -> tuple[list[str], list[IndexRow]]:
             present.append(bool(items))
             for item in items:
                 if _INTEGER.match(item):
-                    labels.append((k, int(item)))
+                    labels.append((k, _check_label_number(int(item), path, line, cat)))
                 else:
                     _check_inside(item, path, line, cat)
                     maps.append((k, item))
@@ -311,6 +343,78 @@ def common_mask_size(rows: list[IndexRow], path: Path) -> tuple[int, int]:
                 f"{first.mask_size[0]}x{first.mask_size[1]} on line {first.line}; all rows need one sh x sw"
             )
     return first.mask_size
+
+
+# ----------------------------------------------------------------------------- label maps
+
+_BYTE_SWAP = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B"}
+"""16-bit-per-channel layouts, and the layout that reads the other byte of every sample."""
+
+
+def read_label_numbers(path: Path) -> np.ndarray:
+    """Raw Broden label numbers (int64, 2-D) of one label-map image in any supported encoding.
+
+    Raises ProbeError (naming ``path``) for encodings that would be guessed, never zeros.
+    """
+    with Image.open(path) as im:
+        rawmodes = {_rawmode(tile) for tile in getattr(im, "tile", None) or []}
+        sixteen = {r for r in rawmodes if r and ";16" in r}
+        if sixteen and im.mode in ("RGB", "RGBA"):
+            return _sixteen_bit_numbers(path, im, sixteen)
+        im.load()
+        mode = im.mode
+        if mode in ("P", "PA"):
+            im = im.convert("RGB")
+        arr = np.asarray(im)
+    if mode in ("RGB", "RGBA", "P", "PA"):
+        return arr[..., 0].astype(np.int64) + 256 * arr[..., 1].astype(np.int64)
+    if mode in ("L", "I;16", "I;16B", "I;16L", "I", "1"):
+        numbers = arr.astype(np.int64)
+        if numbers.size and numbers.min() < 0:
+            raise ProbeError(f"{path}: label map holds negative numbers (mode {mode}); label numbers are 0 or more")
+        return numbers
+    raise ProbeError(
+        f"{path}: unsupported label-map mode {mode} (use RGB with label = R + 256 * G, "
+        f"or greyscale L / I;16 holding the label number)"
+    )
+
+
+def _rawmode(tile) -> str | None:
+    """The pixel layout a decoder tile reads: PNG tiles name it, TIFF tiles lead with it."""
+    args = getattr(tile, "args", None)
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return args if isinstance(args, str) else None
+
+
+def _with_rawmode(tile, rawmode: str):
+    args = tile.args
+    return tile._replace(args=(rawmode, *args[1:]) if isinstance(args, tuple) else rawmode)
+
+
+def _sixteen_bit_numbers(path: Path, im: Image.Image, rawmodes: set[str]) -> np.ndarray:
+    """A 16-bit-per-channel RGB(A) map. Pillow decodes those to 8 bits by keeping each
+    sample's high byte, which reads unscaled maps (samples below 256) as zeros; decoding
+    the same data again with the byte order swapped yields the low bytes."""
+    if len(rawmodes) != 1 or next(iter(rawmodes)) not in _BYTE_SWAP:
+        raise ProbeError(f"{path}: 16-bit label map in an unsupported layout ({', '.join(sorted(rawmodes))}); "
+                         f"save label maps as 8-bit RGB (label = R + 256 * G)")
+    im.load()
+    high = np.asarray(im)[..., :2].astype(np.int64)
+    with Image.open(path) as again:
+        again.tile = [_with_rawmode(t, _BYTE_SWAP[_rawmode(t)]) for t in again.tile]
+        again.load()
+        low = np.asarray(again)[..., :2].astype(np.int64)
+    if (high == low).all():  # every sample is an 8-bit value v scaled to v * 257
+        samples = high
+    elif (high == 0).all():  # 8-bit values stored as they are
+        samples = low
+    else:
+        raise ProbeError(
+            f"{path}: 16-bit-per-channel label map whose samples are neither 8-bit values scaled by 257 nor below "
+            f"256; save label maps as 8-bit RGB (label = R + 256 * G)"
+        )
+    return samples[..., 0] + 256 * samples[..., 1]
 
 
 # ----------------------------------------------------------------------------- the probe set
@@ -377,22 +481,14 @@ class BrodenProbe(ProbeSet):
         )
 
     def _decode_map(self, rel: str, row: IndexRow) -> np.ndarray:
-        """One label-map PNG as concept index + 1 (Broden stores label number = R + 256 * G)."""
+        """One label-map image as concept index + 1 (see the module docstring for the encodings)."""
         path = self.root / "images" / rel
         try:
-            with Image.open(path) as im:
-                im.load()
-                if im.mode not in ("RGB", "RGBA", "L", "I", "I;16"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
+            raw = read_label_numbers(path)
         except FileNotFoundError:
             raise ProbeError(f"{path}: label map not found (listed in {self.index_path} line {row.line})") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise ProbeError(f"{path}: unreadable label map ({e})") from None
-        if arr.ndim == 3:
-            raw = arr[..., 0].astype(np.int32) + 256 * arr[..., 1].astype(np.int32)
-        else:
-            raw = arr.astype(np.int32)
         if raw.shape != self.mask_size:
             raise ProbeError(
                 f"{path}: label map is {raw.shape[0]}x{raw.shape[1]}, expected {self.mask_size[0]}x{self.mask_size[1]} "
@@ -419,10 +515,16 @@ class BrodenProbe(ProbeSet):
         order = hits[np.argsort(-area[1:][hits], kind="stable")]
         return {self.concepts.names[j]: int(area[j + 1]) for j in order}
 
-    def _fingerprint_files(self) -> list[Path]:
-        files = [self.index_path, self.root / "label.csv", self.root / "category.csv"]
-        files += sorted(self.root.glob("c_*.csv"))
-        return [p for p in files if p.exists()]
+    def _content_files(self) -> list[tuple[str, str | Path]]:
+        """The tables, then every listed image and label map of the selected rows, in index order."""
+        tables = [self.index_path, self.root / "label.csv", self.root / "category.csv"]
+        tables += sorted(self.root.glob("c_*.csv"))
+        files: list[tuple[str, str | Path]] = [(p.name, p) for p in tables if p.exists()]
+        images = os.path.join(self.root, "images")  # plain strings: 60k rows through pathlib is slow
+        for row in self._rows:
+            for rel in (row.image, *(m for _, m in row.maps)):
+                files.append((f"images/{rel}", os.path.join(images, rel)))
+        return files
 
 
 @dataclass

@@ -151,8 +151,8 @@ class CifarProbe(ProbeSet):
     def load_image(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i])
 
-    def _fingerprint_files(self) -> list[Path]:
-        return [self.split_path, self.meta_path]
+    def _content_files(self) -> list[tuple[str, Path]]:
+        return [(self.split, self.split_path), ("meta", self.meta_path)]
 
 
 @dataclass

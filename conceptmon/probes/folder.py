@@ -8,7 +8,6 @@ damaged still fails later, with a ProbeError naming it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -92,14 +91,9 @@ class FolderProbe(ProbeSet):
     def load_image(self, i: int) -> Image.Image:
         return open_rgb(self.files[i])
 
-    def fingerprint(self) -> str:
-        """Relative paths, sizes and mtimes of every image used: any edit changes it."""
-        h = hashlib.sha256()
-        h.update(f"{self.name}\n{self.root.resolve()}\n{len(self)}\n".encode())
-        for p in self.files:
-            st = p.stat()
-            h.update(f"{p.relative_to(self.root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:16]
+    def _content_files(self) -> list[tuple[str, Path]]:
+        """Every image used, by relative path: an edited, added or removed image changes the fingerprint."""
+        return [(self.relpath(i), p) for i, p in enumerate(self.files)]
 
 
 @register_probe("folder")

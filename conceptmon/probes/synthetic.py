@@ -7,16 +7,61 @@ R + 256 * G label maps at half the image size). What it draws:
 * **color** (pixel level, every pixel): every pixel is exactly one of the 11 Broden
   colours in :data:`PALETTE`, so "labelled red" and "is RGB red" are the same pixels.
   Everything is drawn at mask resolution and each mask pixel becomes a 2x2 block.
-* **texture** (image level, 30% of the images): the whole image is one procedural
-  texture named as in DTD/Broden (:data:`TEXTURES`) in two or more colours.
-  ``striped``: equal-width stripes of two colours, period 8-16 image pixels, horizontal,
-  vertical or diagonal. These images carry color and texture annotations only.
-* **scene** (image level, the other 70%): a procedural layout (:data:`SCENES`), e.g.
-  beach = sky over sea over sand; its regions are **object**s (sky, sea, sand, grass,
-  road, wall, floor, building). On top: houses and trees (objects with **part**s roof,
-  door, window, trunk, leaves), and one to three shapes (circle, square, ...) in
-  palette colours, some with a contrasting ``border`` part. Scene images carry color,
-  object, part and scene annotations (an image without parts still has an all-zero part map).
+* Three kinds of image, in a fixed cycle of 20 (:data:`KIND_CYCLE`):
+
+  - **texture** images (30 %): the whole image is one procedural texture named as in
+    DTD/Broden (:data:`TEXTURES`) in two or more colours. ``striped``: equal-width
+    stripes of two colours, period 8-16 image pixels, horizontal, vertical or diagonal.
+    Annotated for color and texture only.
+  - **scene** images (35 %): a procedural layout (:data:`SCENES`) whose regions are
+    **object**s (sky, sea, sand, grass, road, wall, floor, building), with houses and
+    trees (objects with **part**s roof, door, window, trunk, leaves) and one to three
+    shapes (circle, square, ...) on top, some with a ``border`` part. Annotated for
+    color, object, part and scene.
+  - **object** images (35 %): two to four shapes, sometimes a house or a tree, on a plain
+    background that carries no object label (Pascal-like). Annotated for color, object
+    and part (an image without parts still has an all-zero part map).
+
+Scenes are told apart by **layout, never by colour**: every region of every scene (sky,
+sea, walls, leaves, borders, ...) takes a colour drawn per image from all 11, only
+neighbouring regions differ. Beach: a straight horizon over a wavy shore; field: hills
+and a house; street: a skyline over a road; room: a wall over a floor; forest: many
+trees on wavy ground; desert: two rows of wavy dunes.
+
+**What Network Dissection can find here** (default quantile q = 0.005; "ideal unit": 1
+on its concept's pixels, 0 elsewhere). Two regimes:
+
+* a *flat* ideal unit (the same value on all its pixels) is active on its whole concept
+  under the detector's tie rule, so its IoU is 1.0 for every concept;
+* a unit whose values *vary* inside its concept (every trained unit) can make at most a
+  share q of all probe pixels active, so its IoU is at most ``q * N / coverage`` (N
+  images, coverage in whole images as in label.csv; 1.0 when the concept covers less
+  than q).
+
+Scene labels cover whole images, so a scene's ceiling is ``q / (share of images
+showing it)``. The first design showed each of 6 scenes in 70 % / 6 = 11.7 % of the
+images: ceiling 0.005 / 0.117 = 0.043, too close to the 0.04 threshold for any real unit
+(bilinear upsampling and imperfect units lose more). More images per scene would lower
+it further; pixel-level scene labels would depart from Broden. So scene images are now
+35 % (the 35 % of object images take the rest): 1,000 images show each scene 58-59
+times (5.8 %), ceiling 0.085-0.086, twice the threshold. Measured with a numpy
+reference at n = 1000, 64 and 112 px (tests/test_probes_synthetic.py):
+
+==========  ==========  =================================================
+category    ceiling     notes (varying units)
+==========  ==========  =================================================
+scene       0.085-0.086 runner-up is the scene's own stuff: room -> wall
+                        0.079, street -> road 0.072, beach -> sea 0.059
+texture     0.167       30 % / 10 textures = 3 % of the images each
+color       0.050-0.060 11 colours share every pixel (each 8-10 %)
+object      0.051-0.51  sky 0.051 (in 5 of 6 scenes), sand 0.10, grass 0.12
+part        0.21-1.0    border 0.21 (0.35 at 112 px), leaves 0.41, others 1.0
+==========  ==========  =================================================
+
+Colours do not explain scenes: the best single-colour unit's IoU with any scene is at
+most 0.10 (flat; the scene unit gets 1.0) and 0.008 (varying; the scene unit gets
+0.086). The first design's sea was always blue, grass green, floors brown: 0.38 and 0.020
+(field / green) against the scene unit's 1.0 and 0.043.
 
 Label numbers are fixed (:data:`VOCABULARY` order, from 1), so runs and tests can rely
 on them. Generation is deterministic per seed: same seed, same files byte for byte.
@@ -39,13 +84,14 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from .. import store
 from ..concepts import ConceptSet, strip_broden_suffix
 from ..config import ConfigError, ProbeConfig
 from . import register_probe
 from .base import ProbeError
 from .broden import BrodenProbe
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER = "conceptmon_synthetic.json"
 MIN_SIZE = 16
 
@@ -85,7 +131,9 @@ VOCABULARY: tuple[tuple[str, str], ...] = (
 NUMBER = {strip_broden_suffix(name): k + 1 for k, (name, _) in enumerate(VOCABULARY)}
 """Concept name -> Broden label number in generated sets."""
 
-TEXTURE_SHARE = (2, 5, 8)  # i % 10 in these -> a texture image (30%)
+KIND_CYCLE = "SOTSOTSOTSOTSOTSOTSO"
+"""Image kinds in a cycle of 20: S scene (35 %), O object (35 %), T texture (30 %)."""
+KINDS = {"S": "scene", "O": "object", "T": "texture"}
 _RGB = np.asarray([PALETTE[c] for c in COLORS], dtype=np.uint8)
 _C = {c: k for k, c in enumerate(COLORS)}
 
@@ -126,10 +174,29 @@ class Canvas:
         values = self.color[mask]
         return int(np.bincount(values, minlength=len(COLORS)).argmax()) if values.size else -1
 
+    def under(self, mask: np.ndarray) -> tuple[str, ...]:
+        """The colour that ``mask`` would mostly cover (empty when the mask is empty)."""
+        k = self.dominant_color(mask)
+        return (COLORS[k],) if k >= 0 else ()
+
 
 def _pick(rng: np.random.Generator, options, avoid=()) -> str:
     allowed = [o for o in options if o not in avoid]
     return allowed[int(rng.integers(len(allowed)))]
+
+
+def _fill(rng: np.random.Generator, avoid=()) -> str:
+    """A region's colour: any palette colour except those of the regions it borders.
+
+    Every region of every scene draws from the same 11 colours, so no scene, object or
+    part is told by its colour (a "blue" unit is not a "beach" or "sea" unit).
+    """
+    return _pick(rng, COLORS, avoid)
+
+
+def _distinct(rng: np.random.Generator, k: int, avoid=()) -> list[str]:
+    allowed = [c for c in COLORS if c not in avoid]
+    return [allowed[j] for j in rng.choice(len(allowed), k, replace=False)]
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -174,14 +241,13 @@ def draw_shape(canvas: Canvas, rng: np.random.Generator, shape: str, color: str 
     mask = shape_mask(shape, canvas.x, canvas.y, cx, cy, r)
     if not mask.any():
         return
-    under = canvas.dominant_color(mask)
-    if color is None or _C[color] == under:
-        color = _pick(rng, COLORS, avoid=(COLORS[under],))
+    under = canvas.under(mask)
+    if color is None or color in under:
+        color = _fill(rng, avoid=under)
     canvas.paint(mask, color, obj=shape)
     if rng.random() < 0.5:
         border = mask & ~_erode(mask)
-        edge = "white" if color == "black" else "black"
-        canvas.paint(border, edge, part="border")
+        canvas.paint(border, _fill(rng, avoid=(color,)), part="border")
 
 
 def draw_house(canvas: Canvas, rng: np.random.Generator, ground: float) -> None:
@@ -194,21 +260,23 @@ def draw_house(canvas: Canvas, rng: np.random.Generator, ground: float) -> None:
     apex = top - w * rng.uniform(0.35, 0.55)
     mid = left + w / 2
     roof = (y >= apex) & (y < top) & (abs(x - mid) <= (y - apex) / (top - apex) * (w / 2 + 1))
-    wall = _pick(rng, ("white", "yellow", "pink", "orange", "grey"))
+    wall = _fill(rng, avoid=canvas.under(body))
+    roof_color = _fill(rng, avoid=(wall,) + canvas.under(roof))
     canvas.paint(body | roof, wall, obj="house")
-    canvas.paint(roof, _pick(rng, ("red", "brown", "black", "grey"), avoid=(wall,)), part="roof")
+    canvas.paint(roof, roof_color, part="roof")
     dw, dh = max(1.0, w / 5), h * 0.55
     dx = rng.uniform(left + 1, left + w - dw - 1) if w > dw + 2 else left
     door = (x >= dx) & (x < dx + dw) & (y >= base - dh) & (y < base)
-    canvas.paint(door, _pick(rng, ("brown", "black", "red"), avoid=(wall,)), part="door")
-    pane = _pick(rng, ("blue", "white", "black"), avoid=(wall,))
+    canvas.paint(door, _fill(rng, avoid=(wall,)), part="door")
+    pane = _fill(rng, avoid=(wall,))
     ws = max(1.0, w / 6)
     for wx in (left + w * 0.15, left + w * 0.65):
         window = (x >= wx) & (x < wx + ws) & (y >= top + h * 0.2) & (y < top + h * 0.2 + ws) & ~door
         canvas.paint(window, pane, part="window")
 
 
-def draw_tree(canvas: Canvas, rng: np.random.Generator, ground: float, autumn: bool = False) -> None:
+def tree_masks(canvas: Canvas, rng: np.random.Generator, ground: float) -> tuple[np.ndarray, np.ndarray]:
+    """(trunk, crown) masks of a tree standing near ``ground``."""
     m, x, y = canvas.m, canvas.x, canvas.y
     tw = max(1.0, m * rng.uniform(0.04, 0.07))
     cx = rng.uniform(0, m)
@@ -217,83 +285,113 @@ def draw_tree(canvas: Canvas, rng: np.random.Generator, ground: float, autumn: b
     crown_r = m * rng.uniform(0.09, 0.16)
     trunk = (abs(x - cx) <= tw / 2) & (y >= base - th) & (y < base)
     crown = np.hypot(x - cx, y - (base - th - crown_r * 0.6)) <= crown_r
-    leaves = _pick(rng, ("orange", "yellow", "red")) if autumn else "green"
-    canvas.paint(trunk | crown, "brown", obj="tree")
-    canvas.paint(trunk & ~crown, "brown", part="trunk")
-    canvas.paint(crown, leaves, part="leaves")
+    return trunk, crown
+
+
+def draw_tree(canvas: Canvas, rng: np.random.Generator, ground: float,
+              trunk_color: str | None = None, leaves_color: str | None = None) -> None:
+    trunk, crown = tree_masks(canvas, rng, ground)
+    if trunk_color is None:
+        trunk_color = _fill(rng, avoid=canvas.under(trunk & ~crown))
+    if leaves_color is None:
+        leaves_color = _fill(rng, avoid=(trunk_color,) + canvas.under(crown))
+    canvas.paint(trunk | crown, trunk_color, obj="tree")
+    canvas.paint(trunk & ~crown, trunk_color, part="trunk")
+    canvas.paint(crown, leaves_color, part="leaves")
 
 
 # ----------------------------------------------------------------------------- scenes
 
 
 def _wavy(canvas: Canvas, rng: np.random.Generator, level: float, amplitude: float) -> np.ndarray:
-    """Boolean mask below a wavy horizontal line."""
+    """Boolean mask below a wavy horizontal line (one to three waves across the image)."""
     freq, phase = rng.uniform(1.0, 3.0) * 2 * np.pi / canvas.m, rng.uniform(0, 2 * np.pi)
     return canvas.y >= level + amplitude * np.sin(canvas.x * freq + phase)
 
 
 def draw_scene(canvas: Canvas, rng: np.random.Generator, scene: str) -> float:
-    """Paint the scene's layout; returns the ground line (y) where things stand."""
+    """Paint the scene's layout; returns the ground line (y) where things stand.
+
+    Scenes differ by layout, never by colour: every region takes a colour drawn per image
+    from all 11 (only neighbouring regions differ). Beach: straight horizon over a wavy
+    shore; field: rolling hills and a house; street: a skyline of buildings over a road;
+    room: a wall over a floor, straight; forest: many trees on a wavy ground; desert:
+    two rows of wavy dunes.
+    """
     m, x, y = canvas.m, canvas.x, canvas.y
     everywhere = np.ones((m, m), dtype=bool)
-    sky = _pick(rng, ("blue", "blue", "white", "grey"))
     horizon = m * rng.uniform(0.3, 0.45)
-    if scene == "beach":  # the sea is blue, so the sky takes another colour (or a sunset)
-        canvas.paint(everywhere, _pick(rng, ("white", "grey", "pink", "orange")), obj="sky")
-        canvas.paint(y >= horizon, "blue", obj="sea")
-        canvas.paint(_wavy(canvas, rng, horizon + m * rng.uniform(0.2, 0.3), m * 0.04), "yellow", obj="sand")
-        return horizon + m * 0.3
-    if scene == "field":
+    if scene == "beach":
+        sky, sea, sand = _distinct(rng, 3)
         canvas.paint(everywhere, sky, obj="sky")
-        canvas.paint(_wavy(canvas, rng, horizon, m * 0.03), "green", obj="grass")
+        canvas.paint(y >= horizon, sea, obj="sea")
+        shore = horizon + m * rng.uniform(0.15, 0.25)
+        canvas.paint(_wavy(canvas, rng, shore, m * rng.uniform(0.05, 0.08)), sand, obj="sand")
+        return shore
+    if scene == "field":
+        sky, grass = _distinct(rng, 2)
+        canvas.paint(everywhere, sky, obj="sky")
+        canvas.paint(_wavy(canvas, rng, horizon, m * rng.uniform(0.06, 0.1)), grass, obj="grass")
         draw_house(canvas, rng, horizon)
         if rng.random() < 0.5:
             draw_tree(canvas, rng, horizon)
         return horizon
     if scene == "street":
+        sky, asphalt = _distinct(rng, 2)
         canvas.paint(everywhere, sky, obj="sky")
         road_top = m * rng.uniform(0.6, 0.7)
-        edge = 0.0
+        edge, facade = 0.0, None
         while edge < m:  # a row of buildings of random widths and heights
             width = m * rng.uniform(0.15, 0.3)
             top = m * rng.uniform(0.1, 0.45)
             block = (x >= edge) & (x < edge + width) & (y >= top) & (y < road_top)
-            facade = _pick(rng, ("grey", "brown", "red", "orange", "white"), avoid=(sky,))
+            facade = _fill(rng, avoid=(sky, asphalt, facade))
             canvas.paint(block, facade, obj="building")
-            pane = _pick(rng, ("black", "blue", "yellow", "white"), avoid=(facade,))
+            pane = _fill(rng, avoid=(facade,))
             step = max(3.0, m / 10)
             windows = block & ((x - edge) % step >= step / 3) & ((y - top) % step >= step / 2) & (
                 x < edge + width - step / 3
             ) & (y < road_top - step / 2)
             canvas.paint(windows, pane, part="window")
             edge += width
-        asphalt = _pick(rng, ("grey", "black"))
         canvas.paint(y >= road_top, asphalt, obj="road")
         lane = (y >= road_top + (m - road_top) * 0.45) & (y < road_top + (m - road_top) * 0.45 + max(1.0, m / 28))
         dashes = lane & ((x + rng.uniform(0, m)) % (m / 4) < m / 8)
-        canvas.paint(dashes, "white")
+        canvas.paint(dashes, _fill(rng, avoid=(asphalt,)))
         return road_top
     if scene == "room":
-        wall = _pick(rng, ("white", "yellow", "pink", "orange", "grey"))
+        wall, floor = _distinct(rng, 2)
         floor_top = m * rng.uniform(0.55, 0.7)
         canvas.paint(everywhere, wall, obj="wall")
-        canvas.paint(y >= floor_top, "brown", obj="floor")
+        canvas.paint(y >= floor_top, floor, obj="floor")
         return floor_top
     if scene == "forest":
+        sky, grass, trunk, leaves = _distinct(rng, 4)
         canvas.paint(everywhere, sky, obj="sky")
         ground = m * rng.uniform(0.7, 0.8)
-        canvas.paint(y >= ground, "green", obj="grass")
-        autumn = rng.random() < 0.25
+        canvas.paint(_wavy(canvas, rng, ground, m * rng.uniform(0.03, 0.06)), grass, obj="grass")
         for _ in range(int(rng.integers(4, 8))):
-            draw_tree(canvas, rng, ground - m * 0.1, autumn=autumn)
+            draw_tree(canvas, rng, ground - m * 0.1, trunk, leaves)
         return ground
     if scene == "desert":
+        sky, far, near = _distinct(rng, 3)
         canvas.paint(everywhere, sky, obj="sky")
-        near, far = ("orange", "yellow") if rng.random() < 0.5 else ("yellow", "orange")
-        canvas.paint(_wavy(canvas, rng, horizon + m * 0.05, m * 0.06), far, obj="sand")
-        canvas.paint(_wavy(canvas, rng, horizon + m * 0.3, m * 0.08), near, obj="sand")
+        canvas.paint(_wavy(canvas, rng, horizon + m * 0.05, m * rng.uniform(0.06, 0.1)), far, obj="sand")
+        canvas.paint(_wavy(canvas, rng, horizon + m * 0.3, m * rng.uniform(0.06, 0.1)), near, obj="sand")
         return horizon + m * 0.3
     raise ValueError(scene)
+
+
+def draw_objects(canvas: Canvas, rng: np.random.Generator, first: str, first_color: str) -> None:
+    """An object image: shapes (and sometimes a house or a tree) on a plain, unlabelled background."""
+    canvas.color[:] = _C[_fill(rng)]
+    if rng.random() < 0.25:
+        draw_house(canvas, rng, canvas.m)
+    if rng.random() < 0.25:
+        draw_tree(canvas, rng, canvas.m)
+    draw_shape(canvas, rng, first, color=first_color)
+    for _ in range(int(rng.integers(1, 4))):
+        draw_shape(canvas, rng, _pick(rng, SHAPES))
 
 
 # ----------------------------------------------------------------------------- textures
@@ -372,12 +470,11 @@ def _honeycomb_edges(x: np.ndarray, y: np.ndarray, side: float, phase: float) ->
 # ----------------------------------------------------------------------------- one image
 
 
-def _kind(i: int) -> tuple[bool, int]:
-    """Texture image or not, and its position among images of its kind (closed form)."""
-    cycle, r = divmod(i, 10)
-    textures_before = cycle * len(TEXTURE_SHARE) + sum(1 for t in TEXTURE_SHARE if t < r)
-    is_texture = r in TEXTURE_SHARE
-    return is_texture, textures_before if is_texture else i - textures_before
+def kind_of(i: int) -> tuple[str, int]:
+    """Image i's kind (scene, object or texture) and its position among images of that kind."""
+    cycle, r = divmod(i, len(KIND_CYCLE))
+    code = KIND_CYCLE[r]
+    return KINDS[code], cycle * KIND_CYCLE.count(code) + KIND_CYCLE[:r].count(code)
 
 
 def _cycled(seed: int, stream: int, k: int, options: tuple) -> str:
@@ -391,14 +488,17 @@ def _permutation(seed: int, stream: int, cycle: int, n: int) -> tuple[int, ...]:
 
 
 def render_image(i: int, m: int, seed: int) -> tuple[Canvas, str | None, str | None]:
-    """Image i of a set: its canvas, and its scene or texture name."""
+    """Image i of a set: its canvas, and its scene or texture name (both None for an object image)."""
     rng = np.random.default_rng([seed, 0, i])
     canvas = Canvas(m)
-    is_texture, k = _kind(i)
-    if is_texture:
+    kind, k = kind_of(i)
+    if kind == "texture":
         texture = _cycled(seed, 1, k, TEXTURES)
         canvas.color[:] = texture_colors(texture, m, rng, canvas.x, canvas.y)
         return canvas, None, texture
+    if kind == "object":
+        draw_objects(canvas, rng, _cycled(seed, 5, k, SHAPES), _cycled(seed, 6, k, COLORS))
+        return canvas, None, None
     scene = _cycled(seed, 2, k, SCENES)
     draw_scene(canvas, rng, scene)
     first = _cycled(seed, 3, k, SHAPES)
@@ -465,14 +565,15 @@ def _write_set(folder: Path, n: int, size: int, seed: int, progress: Progress | 
         count("color", color_numbers)
         cells = dict.fromkeys(CATEGORIES, "")
         cells["color"] = f"{stem}_color.png"
-        if scene is not None:
+        if texture is None:  # scene and object images: object and part maps
             for category, numbers in (("object", canvas.object), ("part", canvas.part)):
                 _label_png(numbers).save(folder / "images" / f"{stem}_{category}.png", compress_level=1)
                 cells[category] = f"{stem}_{category}.png"
                 count(category, numbers)
+        if scene is not None:
             cells["scene"] = str(NUMBER[scene])
             count("scene", np.asarray([NUMBER[scene]]))
-        else:
+        if texture is not None:
             cells["texture"] = str(NUMBER[texture])
             count("texture", np.asarray([NUMBER[texture]]))
         split = "val" if i % 5 == 4 else "train"
@@ -576,8 +677,7 @@ def default_cache_root(n: int, size: int, seed: int) -> Path:
 
     The generator version is part of the name, so a changed generator never reuses an old set.
     """
-    base = os.environ.get("CONCEPTMON_CACHE") or Path.home() / ".cache" / "conceptmon"
-    return Path(base).expanduser() / "synthetic" / f"n{n}_s{size}_seed{seed}_v{GENERATOR_VERSION}"
+    return store.synthetic_cache_dir(store.user_cache_dir()) / f"n{n}_s{size}_seed{seed}_v{GENERATOR_VERSION}"
 
 
 # ----------------------------------------------------------------------------- the probe set
@@ -596,8 +696,8 @@ class SyntheticProbe(BrodenProbe):
             )
         super().__init__(root, split=split, limit=limit)
 
-    def _fingerprint_files(self) -> list[Path]:
-        return super()._fingerprint_files() + [self.root / MARKER]
+    def _content_files(self) -> list[tuple[str, str | Path]]:
+        return [(MARKER, self.root / MARKER), *super()._content_files()]
 
 
 @dataclass
@@ -641,13 +741,13 @@ def synthetic_from_config(cfg: ProbeConfig) -> SyntheticProbe:
 
 
 def scene_of(probe: BrodenProbe, i: int) -> str | None:
-    """The scene of image i (None for texture images); no image decoding."""
+    """The scene of image i (None for texture and object images); no image decoding."""
     labels = probe.labels_of(i, "scene")
     return next(iter(labels), None)
 
 
 def texture_of(probe: BrodenProbe, i: int) -> str | None:
-    """The texture of image i (None for scene images); no image decoding."""
+    """The texture of image i (None for scene and object images); no image decoding."""
     labels = probe.labels_of(i, "texture")
     return next(iter(labels), None)
 
