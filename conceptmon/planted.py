@@ -263,6 +263,14 @@ def judge(scores: torch.Tensor, dead: torch.Tensor | None, concepts: Sequence[st
     return results
 
 
+def probe_masks(probe: ProbeSet, cache: Path, log):
+    """The probe's decoded masks (label areas pick the least covered colours), whatever the detector."""
+    from . import store
+    from .detectors.netdissect import build_mask_cache
+
+    return build_mask_cache(probe, store.mask_cache_dir(cache, probe.fingerprint()), log)
+
+
 def _open_probe(probe: ProbeSet | str | Path) -> ProbeSet:
     if isinstance(probe, ProbeSet):
         return probe
@@ -288,6 +296,7 @@ def run_planted_check(
     n_colours: int = DEFAULT_COLOURS,
     units: PlantedUnits | None = None,
     cache_dir: str | Path | None = None,
+    detector: dict | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> PlantedReport:
     """Dissect :class:`PlantedUnits` on a synthetic probe set (a folder or an open probe)
@@ -295,7 +304,8 @@ def run_planted_check(
 
     ``units`` replaces the planted module (tests break it on purpose); by default it plants
     the probe's ``n_colours`` least covered colours. ``cache_dir`` holds the decoded masks
-    (default: a temporary folder, removed afterwards).
+    (default: a temporary folder, removed afterwards). ``detector`` (a config ``detector:``
+    section, e.g. a plugin's) replaces Network Dissection with ``quantile``/``threshold``.
     """
     from .config import config_from_dict
     from .detectors import RunContext, TrustSettings, create_detector
@@ -313,7 +323,7 @@ def run_planted_check(
     cfg = config_from_dict({
         "layers": ["units"],
         "probe": {"name": probe.name, "root": str(probe.root), "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-        "detector": {"name": "netdissect", "quantile": quantile, "threshold": threshold},
+        "detector": detector or {"name": "netdissect", "quantile": quantile, "threshold": threshold},
         "batch_size": batch_size,
         "device": device,
     })
@@ -323,14 +333,15 @@ def run_planted_check(
                          trust=TrustSettings(0, 0))
         detector = create_detector(cfg, probe, ctx)
         detector.prepare()
+        masks = probe_masks(probe, Path(cache_dir or scratch), log)
         for concept in (TEXTURE, SCENE):
-            if detector.masks.label_area[names.index(concept)] == 0:
+            if masks.label_area[names.index(concept)] == 0:
                 raise PlantedCheckError(
                     f"probe {probe.root}: no {concept} images among its {len(probe)} images; "
                     f"the planted check needs a synthetic probe set of at least 60 images"
                 )
         if units is None:
-            units = PlantedUnits(least_covered_colours(detector.masks.label_area, names, n_colours))
+            units = PlantedUnits(least_covered_colours(masks.label_area, names, n_colours))
         log(f"planted check: {len(units.unit_names())} units ({', '.join(units.unit_names())}) "
             f"on {len(probe)} probe images, device {dev}")
         results = collect_layers(PlantedNet(units), ["units"], make_loader(probe, cfg, dev), detector, dev,
@@ -338,6 +349,6 @@ def run_planted_check(
     labels = results["units"].labels
     unit_results = judge(labels.scores, labels.dead, names, units.planted_expectations(), detector.threshold,
                          units.unit_names())
-    settings = {"quantile": quantile, "threshold": detector.threshold, "device": str(dev), "n_images": len(probe),
+    settings = {"detector": detector.settings(), "device": str(dev), "n_images": len(probe),
                 "probe": str(probe.root)}
     return PlantedReport(unit_results, settings)

@@ -87,3 +87,19 @@ def test_name_normalisation():
     assert normalise_name("Living_Room-s") == "living room"
     assert normalise_name("red-c") == "red" and normalise_name(" Sea  Floor ") == "sea floor"
     assert read_classes("a, b ,c") == ["a", "b", "c"]
+
+
+@pytest.mark.slow
+def test_cli_planted_check_passes_and_a_broken_detector_setting_fails(tmp_path):
+    import yaml
+
+    probe = generate_synthetic(tmp_path / "probe", n=150, size=48, seed=0)
+    good = CliRunner().invoke(main, ["validate", "--planted", "--probe-root", str(probe)])
+    assert good.exit_code == 0, good.output
+    assert "planted check: passed" in good.stdout
+    config = tmp_path / "c.yaml"  # a detector that marks half of every unit active names nothing right
+    config.write_text(yaml.safe_dump({"layers": ["x"], "detector": {"name": "netdissect", "quantile": 0.5}}))
+    bad = CliRunner().invoke(main, ["validate", "--planted", "--probe-root", str(probe), "--config", str(config),
+                                    "--format", "json"])
+    assert bad.exit_code == 1
+    assert json.loads(bad.stdout)["passed"] is False

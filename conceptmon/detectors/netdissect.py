@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, DetectorOptions
+from .. import store
 from ..store import write_json
 from . import register_detector
 from .base import Detector, DetectorError, LayerAccumulator
@@ -202,7 +203,7 @@ class NetDissect(Detector):
 
 
     def prepare(self) -> None:
-        folder = self.ctx.cache_dir / f"masks-{self.probe.fingerprint()}"
+        folder = store.mask_cache_dir(self.ctx.cache_dir, self.probe.fingerprint())
         self.masks = build_mask_cache(self.probe, folder, self.ctx.log)
 
     def accumulator(self, layer: str, n_units: int) -> LayerAccumulator:
