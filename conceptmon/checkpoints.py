@@ -114,9 +114,10 @@ def _safetensors_epoch(path: Path) -> int | None:
 
 
 def _number(value) -> float | None:
+    """A finite number stored in a checkpoint; None for anything else (NaN and infinities too)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return value
     return None
 

@@ -18,6 +18,8 @@ from conceptmon.probes.synthetic import generate_synthetic
 
 from .fakes import TinyConv
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = [0, 1, 2, 3, 4]
 TIME_FIELDS = {"finished", "seconds"}
@@ -46,9 +48,9 @@ def workspace(tmp_path_factory):
     return config, reference
 
 
-def cli(config, out, *extra, env=None, wait=True):
-    cmd = [sys.executable, str(ROOT / "tests" / "kill_harness.py"), "dissect", "--config", str(config),
-           "--out", str(out), "--quiet", *extra]
+def cli(config, out, *extra, env=None, wait=True, command=("dissect", "--quiet")):
+    cmd = [sys.executable, str(ROOT / "tests" / "kill_harness.py"), command[0], "--config", str(config),
+           "--out", str(out), *command[1:], *extra]
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     if wait:
         return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
@@ -129,4 +131,69 @@ def test_sigkill_leaves_valid_output_and_rerun_completes(workspace, tmp_path, po
     assert rerun.returncode == 0, rerun.stderr
     assert {e: store.dissect_path(out, e).stat().st_mtime_ns for e in done_before} == stamps  # only the missing redone
     assert store.finished_epochs(out) == EPOCHS
+    assert_same_results(out, reference)
+
+
+def wait_for(marker: Path, proc, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the process never reached the kill point"
+        time.sleep(0.05)
+
+
+EMBED = ("embed", "--map-method", "pca", "--encoder", "minilm")
+
+
+@pytest.mark.parametrize("at", [1, 3, 4, 5])  # 1: the text cache; 3-5: the three tables
+def test_sigkill_inside_embed_keeps_one_whole_generation(workspace, tmp_path, at):
+    """A kill while embed writes its caches or any of its three tables leaves the previous
+    embedding whole: its anchors, neurons and record still belong together."""
+    import shutil
+
+    from conceptmon.embedding import read_anchors, read_embed_meta, read_neurons
+
+    config, reference = workspace
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    first = cli(config, out, "--anchors", "red,sky", command=EMBED)
+    assert first.returncode == 0, first.stderr
+    before = read_embed_meta(out)
+    marker = tmp_path / "paused"
+    proc = cli(config, out, "--anchors", "grass,sea", command=EMBED, wait=False,
+               env={"KILL_POINT": "parquet", "KILL_AT": str(at), "KILL_MARKER": str(marker)})
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert read_embed_meta(out) == before
+    assert read_anchors(out)["concept"].tolist() == ["red", "sky"]
+    assert len(read_neurons(out)) == before["n_neurons"]
+    again = cli(config, out, "--anchors", "grass,sea", command=EMBED)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" not in again.stderr  # the killed call's work was not taken for done
+    assert read_anchors(out)["concept"].tolist() == ["grass", "sea"]
+    assert [p.name for p in (out / "embed").iterdir() if p.is_dir()] == [read_embed_meta(out)["generation"]]
+
+
+def test_sigkill_inside_watch_then_watch_again_completes(workspace, tmp_path):
+    config, reference = workspace
+    out = tmp_path / "watched"
+    marker = tmp_path / "paused"
+    watch = ("watch", "--interval", "0.2", "--no-refresh")
+    proc = cli(config, out, command=watch, wait=False,
+               env={"KILL_POINT": "record", "KILL_AT": "2", "KILL_MARKER": str(marker)})
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert_valid(out)
+    assert store.finished_epochs(out) != EPOCHS
+    again = cli(config, out, command=watch, wait=False)
+    deadline = time.time() + 240
+    while store.finished_epochs(out) != EPOCHS:
+        assert again.poll() is None, again.stderr.read().decode()
+        assert time.time() < deadline, "watch did not finish the remaining epochs"
+        time.sleep(0.2)
+    again.send_signal(signal.SIGINT)  # Ctrl-C: stops cleanly
+    _, err = again.communicate(timeout=60)
+    assert "stopped" in err.decode() and "Traceback" not in err.decode()
     assert_same_results(out, reference)
