@@ -1,4 +1,4 @@
 """``python -m conceptmon``: the same as the ``conceptmon`` command."""
-from .cli import main
+from .entry import run
 
-main()
+run()

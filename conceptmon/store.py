@@ -487,7 +487,7 @@ def check_dissect_lineage(out: Path, epochs: list[int] | None = None) -> dict[in
     for e, r in records.items():
         by_fp.setdefault(str(r.get("config_fingerprint")), []).append(e)
     if len(by_fp) > 1:
-        groups = sorted(by_fp.values(), key=len, reverse=True)
+        groups = sorted(by_fp.values(), key=lambda g: (len(g), max(g)), reverse=True)  # majority, then latest
         raise StaleError(
             f"{out}: epochs {groups[1]} were made with another config than epochs {groups[0]}; "
             f"redo them all with `conceptmon dissect --force`, or dissect into another --out"

@@ -1,5 +1,6 @@
 """The command line: help everywhere, the short forms, and one-line errors for bad input."""
 import errno
+from pathlib import Path
 
 import click
 import pytest
@@ -127,6 +128,31 @@ def corrupt(project, what):
         torch.save({"epoch": 1, "state_dict": sd}, project / "ckpts" / "epoch_1.pt")
     elif what == "duplicate epochs":
         torch.save({"epoch": 1, "state_dict": TinyConv().state_dict()}, project / "ckpts" / "again.pt")
+    elif what == "device name":
+        cfg["device"] = "cuda:abc"
+    elif what == "device not here":
+        args += ["--device", "mps"]
+    elif what == "layer without units":
+        cfg["model"]["arch"] = "tests.test_layouts:Relayout"
+        cfg["layers"] = ["scalar"]
+    elif what == "ambiguous layout":
+        cfg["layers"] = [{"name": "conv2", "layout": "tokens"}]
+    elif what == "epoch out of range":
+        torch.save({"epoch": 99999999999, "state_dict": TinyConv().state_dict()}, project / "ckpts" / "epoch_1.pt")
+    elif what == "YAML alias bomb":
+        text = "".join(f"{c}: &{c} [{', '.join([f'*{p}' if p else 'x'] * 9)}]\n"
+                       for p, c in zip([None, *"abcdefg"], "abcdefgh"))
+        cfg_path.write_text(text + "layers: [conv1]\ndetector: {name: netdissect, params: [*h, *h, *h]}\n")
+        return args
+    elif what == "truncated image, 2 workers":
+        import shutil
+
+        probe = project / "probe"
+        shutil.copytree(cfg["probe"]["root"], probe)
+        image = sorted(p for p in (probe / "images").rglob("*.png") if "_" not in p.stem)[5]
+        image.write_bytes(image.read_bytes()[:200])
+        cfg["probe"] = {"name": "synthetic", "root": str(probe)}
+        args += ["--num-workers", "2"]
     cfg_path.write_text(yaml.safe_dump(cfg)) if cfg_path.exists() or what != "no config" else None
     return args
 
@@ -145,6 +171,13 @@ BAD_INPUTS = {
     "malformed index.csv": "index.csv",
     "NaN activations": "layer conv1: NaN or infinite activations",
     "duplicate epochs": "two checkpoints for epoch 1",
+    "device name": "device: expected auto, cpu, cuda, cuda:N or mps, got 'cuda:abc'",
+    "device not here": "device: mps requested but Apple MPS is not available here (use auto or cpu)",
+    "layer without units": "layer scalar: output (2,) has no unit dimension (one value per image)",
+    "ambiguous layout": "layer conv2: output (2, 6, 16, 16) is 4-D, not layout tokens",
+    "epoch out of range": "epoch_1.pt: epoch 99999999999 is out of range (0..2147483647)",
+    "YAML alias bomb": "values once YAML aliases are expanded (limit 100,000)",
+    "truncated image, 2 workers": "unreadable image (image file is truncated",
 }
 
 
@@ -171,3 +204,61 @@ def test_disk_full_during_a_write_is_one_line_and_leaves_nothing(project, monkey
     assert "could not write (No space left on device)" in result.output
     d = project / "conceptmon_out" / "dissect"
     assert not list(d.glob("*.parquet")) and not list(d.glob(".tmp-*"))
+
+
+def one_line_error(result, fragment):
+    assert result.exit_code == 1, (result.output, result.exception)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.output
+
+
+def test_watch_interval_must_be_positive(project):
+    one_line_error(CliRunner().invoke(main, ["watch", "--ckpts", "ckpts", "--interval", "-1"]),
+                   "--interval: must be a positive number of seconds, got -1")
+
+
+def test_init_quotes_what_yaml_would_misread(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("init", "--ckpts", "runs/my run #2", "--probe", "folder", "--root", "data: images",
+                    "--layers", "null,layer4")
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load((tmp_path / "conceptmon.yaml").read_text())
+    assert data["checkpoints"] == "runs/my run #2" and data["probe"]["root"] == "data: images"
+    assert data["layers"] == ["null", "layer4"]
+
+
+def test_stats_refuses_a_stale_embedding_and_mixed_configs(project):
+    from conceptmon.embedding import embed_run
+
+    from . import fixtures_runs  # noqa: F401  (registers the offline hashvec encoder)
+
+    assert invoke("dissect", "--ckpts", "ckpts").exit_code == 0
+    out = project / "conceptmon_out"
+    embed_run(out, map_method="pca", encoder="hashvec", log=lambda m: None)
+    torch.save({"epoch": 1, "state_dict": TinyConv(seed=9).state_dict()}, project / "ckpts" / "epoch_1.pt")
+    assert invoke("dissect", "--ckpts", "ckpts").exit_code == 0  # epoch 1 redone: the embedding is now stale
+    one_line_error(CliRunner().invoke(main, ["stats"]),
+                   "conceptmon_out/embed: made from other dissect tables (epochs [1] were added, removed or redone "
+                   "since); re-run `conceptmon embed --out conceptmon_out`")
+    record = store.read_json(store.epoch_record_path(out, 0))
+    store.write_json(store.epoch_record_path(out, 0), {**record, "config_fingerprint": "another"})
+    one_line_error(CliRunner().invoke(main, ["stats"]), "epochs [0] were made with another config than epochs [1]")
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).with_name("conceptmon")
+    for delay in (0.2, 0.6):  # while the CLI imports, and once the command runs
+        proc = subprocess.Popen([str(exe), "stats", "--out", str(tmp_path / "nothing")], stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err
+        assert proc.returncode in (1, 130), err  # interrupted (130), or it had already finished with its one line
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err

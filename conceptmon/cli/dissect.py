@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from .. import store
 from ..config import DEFAULT_CONFIG, ConfigError, override
 from . import main
 from .common import config_option, fail_cleanly, load_cfg, log_to_stderr, parse_epochs, split_csv
@@ -14,7 +15,7 @@ STARTER = """\
 # CLI options override these values (see `conceptmon dissect --help`).
 
 model:
-  arch: {arch}               # a torchvision.models name, or "package.module:function"
+  arch: {arch}               # a torchvision name | hf:<folder or hub name> | timm:<name> | "package.module:function"
   kwargs: {kwargs}           # passed to the factory, e.g. {{num_classes: 365}}
 
 layers: [{layers}]   # dotted module names; one forward pass feeds them all
@@ -24,7 +25,7 @@ out: conceptmon_out          # every command reads and writes here
 
 probe:
   name: {probe}              # broden | synthetic | cifar100 | folder
-  root: {root}               # null for synthetic: generated once into ~/.cache/conceptmon
+  root: {root}               # null for synthetic: generated once into the user cache (~/.cache/conceptmon)
   image_size: {image_size}   # null keeps the stored size; an int resizes
   mean: [0.485, 0.456, 0.406]  # normalisation the model was trained with, in [0,1] units
   std: [0.229, 0.224, 0.225]
@@ -47,6 +48,25 @@ num_workers: 0               # data-loading worker processes
 """
 
 
+def yaml_scalar(value) -> str:
+    """``value`` as a YAML scalar that reads back as itself: bare when it already does,
+    quoted otherwise (``runs/my run #2`` would lose ``#2`` to a comment, ``a: b`` would
+    become a mapping, ``null`` would become None)."""
+    import json
+
+    import yaml
+
+    if value is None:
+        return "null"
+    text = str(value)
+    try:
+        if text and text == text.strip() and yaml.safe_load(text) == text and "\n" not in text:
+            return text
+    except yaml.YAMLError:
+        pass
+    return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid double-quoted YAML scalar
+
+
 @main.command()
 @click.option("--arch", default="resnet18", show_default=True, help="torchvision name or package.module:function.")
 @click.option("--layers", default="layer2,layer3,layer4", show_default=True, help="Comma-separated layer names.")
@@ -64,18 +84,18 @@ def init(arch, layers, probe, root, ckpts, num_classes, output, overwrite):
     if output.exists() and not overwrite:
         raise ConfigError(f"{output}: already exists (pass --overwrite to replace it)")
     if probe in ("broden", "cifar100", "folder") and not root:
-        raise click.BadParameter(f"--probe {probe} needs --root (the folder holding the probe set)", param_hint="--root")
+        raise ConfigError(f"--root: --probe {probe} needs the folder holding the probe set")
     text = STARTER.format(
-        arch=arch,
+        arch=yaml_scalar(arch),
         kwargs="{num_classes: %d}" % num_classes if num_classes else "{}",
-        layers=", ".join(split_csv(layers)),
-        checkpoints=ckpts or "null",
+        layers=", ".join(yaml_scalar(layer) for layer in split_csv(layers)),
+        checkpoints=yaml_scalar(ckpts),
         probe=probe,
-        root=root or "null",
+        root=yaml_scalar(root),
         image_size=112 if probe == "synthetic" else "null",
         detector="netdissect" if probe in ("synthetic", "broden") else "clip-dissect",
     )
-    output.write_text(text, encoding="utf-8")
+    store.write_text(output, text)
     load_cfg(output)  # the template must itself be a valid config
     click.echo(f"wrote {output}; next: conceptmon dissect --ckpts DIR", err=True)
 

@@ -15,8 +15,7 @@ from .common import config_option, fail_cleanly, load_cfg, log_to_stderr
               help="Checkpoint folder to follow (default: the config's checkpoints:).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: the config's out:, else ./conceptmon_out).")
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              help="Seconds between polls.")
+@click.option("--interval", type=float, default=30.0, show_default=True, help="Seconds between polls (> 0).")
 @click.option("--patience", type=int, default=3, show_default=True,
               help="Warn after this many epochs of falling diversity or concept collapse.")
 @click.option("--no-refresh", is_flag=True, help="Only dissect; do not refresh embed/stats/report.")
