@@ -90,7 +90,8 @@ def test_nan_activations_leave_no_table(array_probe_config, tiny_ckpts, tmp_path
     with pytest.raises(ActivationError, match="layer conv2: NaN or infinite activations"):
         run(array_probe_config, tiny_ckpts, out, epochs=[5])
     assert not store.dissect_path(out, 5).exists() and store.finished_epochs(out) == []
-    assert not list((out / "dissect").glob(".tmp-*")) if (out / "dissect").exists() else True
+    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name != store.MANIFEST] if out.exists() else []
+    assert leftovers == []  # no table, no record, no temporary file
 
 
 def test_monitor_observe_writes_the_same_files(array_probe_config, tiny_ckpts, tmp_path):
@@ -108,18 +109,25 @@ def test_monitor_observe_writes_the_same_files(array_probe_config, tiny_ckpts, t
     pd.testing.assert_frame_equal(obs.table.drop(columns="run"), api)
 
 
-def test_lightning_callback_without_lightning_says_how_to_install(array_probe_config):
-    import importlib.util
+def test_lightning_callback_without_lightning_says_how_to_install(array_probe_config, monkeypatch):
+    import builtins
 
     from conceptmon import lightning_callback
     from conceptmon.errors import ConceptmonError
 
-    if importlib.util.find_spec("lightning") or importlib.util.find_spec("pytorch_lightning"):
-        cb = lightning_callback(array_probe_config)
-        assert hasattr(cb, "on_train_epoch_end")
-    else:
-        with pytest.raises(ConceptmonError, match="pip install lightning"):
-            lightning_callback(array_probe_config)
+    real_import = builtins.__import__
+
+    def no_lightning(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.split(".")[0] in ("lightning", "pytorch_lightning"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_lightning)
+    for module in [m for m in list(__import__("sys").modules) if m.split(".")[0] in ("lightning", "pytorch_lightning")
+                   or m == "conceptmon.lightning"]:
+        monkeypatch.delitem(__import__("sys").modules, module)
+    with pytest.raises(ConceptmonError, match="pip install lightning"):
+        lightning_callback(array_probe_config)
 
 
 def test_linear_layers_are_dissected_as_whole_image_units(array_probe_config, tiny_ckpts, tmp_path):
