@@ -15,6 +15,8 @@ KINDS: dict[str, str] = {
     "encoders": "conceptmon.encoders:ENCODERS",
     "similarities": "conceptmon.similarity:SIMILARITIES",
     "map-methods": "conceptmon.embedding:MAP_METHODS",
+    "statistics": "conceptmon.stats:STATISTICS",
+    "report-sections": "conceptmon.report:REPORT_SECTIONS",
 }
 """Kind -> where its registry lives (imported only when listed)."""
 

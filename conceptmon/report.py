@@ -260,7 +260,7 @@ def _check_section(name: str, obj) -> None:
 
 
 BUILTIN_SECTIONS = {name: f"conceptmon.report:{name.upper()}_SECTION" for name in (
-    "summary", "interpretable", "categories", "map", "retention", "changes", "diversity", "anchors", "concepts",
+    "summary", "validation", "interpretable", "categories", "map", "retention", "changes", "diversity", "anchors", "concepts",
     "more", "compare")}
 REPORT_SECTIONS: Registry[ReportSection] = Registry(
     "report section", group="conceptmon.report_sections", field="report", builtins=BUILTIN_SECTIONS,
@@ -637,6 +637,37 @@ def render_concepts(ctx: ReportContext) -> str:
     return html_table(concepts[concepts["epoch"] == ctx.last].drop(columns="epoch"))
 
 
+def render_validation(ctx: ReportContext) -> str | None:
+    """``conceptmon validate``'s last result: does the detector name the classifier's output
+    units by their classes? Flagged when it was made from other checkpoints than the tables."""
+    path = Path(ctx.out) / store.VALIDATE
+    if not path.exists():
+        return None
+    report = store.read_json(path)
+    rows = report.get("results") or []
+    if not rows:
+        return None
+    records = store.read_epoch_records(ctx.out)
+    stale = [r["epoch"] for r in rows if r.get("sha256") and (records.get(int(r["epoch"])) or {}).get("sha256")
+             not in (None, r["sha256"])]
+    table = pd.DataFrame([{"epoch": r["epoch"], "layer": r["layer"], "units": r["n_units"], "top-1": r["top1"],
+                           "top-5": r["top5"], "misses": ", ".join(f"{m['class']} → {m['top'][0] if m['top'] else '-'}"
+                                                                   for m in r["misses"]) or "none"}
+                          for r in rows])
+    body = html_table(table) + note(
+        "How to read this: the classifier's output unit i should be labelled with class i; top-1 is the share "
+        "named exactly (CLIP-Dissect's final-layer accuracy), top-5 the share with the class among the first five. "
+        "A miss reads class → the concept the detector chose.")
+    unknown = sorted({c for r in rows for c in r.get("not_in_concepts", [])})
+    if unknown:
+        body += notice(f"Classes not in the concept set (they cannot be named and count as misses): "
+                       f"{', '.join(unknown)}.")
+    if stale:
+        body += notice(f"Made from other checkpoints than the tables for epochs {stale}; re-run `conceptmon validate`.")
+    ctx.inputs["validate"] = store.sha256_file(path)
+    return body
+
+
 def render_more(ctx: ReportContext) -> str | None:
     """Every statistic no other section presents (e.g. one a plugin registered)."""
     shown = {name for section in sections() for name in section.shows}
@@ -679,6 +710,8 @@ def _compare_title(ctx: ReportContext) -> str:
 
 
 SUMMARY_SECTION = ReportSection("summary", "Run summary", 10, render_summary)
+VALIDATION_SECTION = ReportSection("validation", "Self-check: classifier units named by their classes", 15,
+                                   render_validation)
 INTERPRETABLE_SECTION = ReportSection("interpretable", "Interpretable neurons over epochs", 20, render_interpretable,
                                       shows=("interpretable",))
 CATEGORIES_SECTION = ReportSection("categories", "Categories per layer and epoch", 30, render_categories,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import store
-from .checkpoints import find_checkpoints
+from .checkpoints import checkpoint_sha256, find_checkpoints
 from .concepts import normalise_name
 from .config import Config, ConfigError, override
 from .detectors import rank_concepts
@@ -102,7 +102,7 @@ def validate_run(
         model = dissector.load(ckpt, trust_checkpoints)
         labels = dissector.label([model], f"validate epoch {ckpt.epoch}")[0][layer].labels
         row = {"epoch": ckpt.epoch, "layer": layer, "checkpoint": str(ckpt.path.resolve()),
-               **unit_accuracy(labels.scores, classes, concept_names)}
+               "sha256": checkpoint_sha256(ckpt.path), **unit_accuracy(labels.scores, classes, concept_names)}
         log(f"validate epoch {ckpt.epoch}: {layer} top-1 {row['top1']:.0%}, top-5 {row['top5']:.0%} "
             f"of {row['n_units']} classes")
         results.append(row)

@@ -103,3 +103,15 @@ def test_cli_planted_check_passes_and_a_broken_detector_setting_fails(tmp_path):
                                     "--format", "json"])
     assert bad.exit_code == 1
     assert json.loads(bad.stdout)["passed"] is False
+
+
+def test_the_report_shows_the_self_check(run_folder):
+    from conceptmon.engine import dissect_run
+    from conceptmon.report import report_run
+
+    cfg, base = run_folder
+    dissect_run(cfg, log=lambda m: None)
+    validate_run(cfg, layer="fc", classes=COLOURS[1:] + COLOURS[:1], log=lambda m: None)  # all six missed
+    page = report_run(base / "out", log=lambda m: None).read_text()
+    section = page.split('id="validation"')[1].split("</section>")[0]
+    assert "Self-check" in section and "green → red" in section

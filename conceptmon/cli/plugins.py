@@ -15,8 +15,9 @@ from .common import fail_cleanly
               help="table: one line per component; json: a list of {kind, name, source, group}.")
 @fail_cleanly
 def plugins(kind, fmt):
-    """List registered detectors, probes, encoders, similarities and map methods, built in or
-    from installed plugins (entry points), e.g. `conceptmon plugins detectors`."""
+    """List registered detectors, probes, encoders, similarities, map methods, statistics and
+    report sections, built in or from installed plugins (entry points), e.g.
+    `conceptmon plugins detectors`."""
     from ..plugins import KINDS, listing
 
     rows = listing([kind] if kind else None)

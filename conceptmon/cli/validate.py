@@ -54,7 +54,7 @@ def validate(config_path, ckpts, layer, classes, epochs, out, device, fmt, trust
                           epochs=parse_epochs(epochs), out=out, trust_checkpoints=trust_checkpoints,
                           log=log_to_stderr)
     if fmt == "json":
-        click.echo(json.dumps({"results": [{k: v for k, v in r.items() if k != "checkpoint"}
+        click.echo(json.dumps({"results": [{k: v for k, v in r.items() if k not in ("checkpoint", "sha256")}
                                            for r in report["results"]]}, indent=1))
     else:
         click.echo(format_validation(report), nl=False)
