@@ -253,11 +253,23 @@ def test_finetune_refuses_weights_that_do_not_fit(image_folder, tmp_path, capsys
     assert "--weights" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_train_with_monitor_observes_a_plain_loop(tmp_path, capsys):
+    out = tmp_path / "monitored"
+    load_script("train_with_monitor").main(["--out", str(out), "--epochs", "1", "--images", "32", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 0", "epoch 1"]
+    assert "layer3" in lines[1] and "layer4" in lines[1] and "interpretable" in lines[1]
+    assert store.finished_epochs(out) == [0, 1]  # the same files `conceptmon dissect` writes
+    table = store.read_dissect(out)
+    assert set(table["layer"]) == {"layer3", "layer4"}
+
+
 def test_training_scripts_find_their_helpers_without_editing_the_import_path():
     # `python scripts/X.py` puts scripts/ on the import path itself; the package is installed.
-    sources = [*(SCRIPTS / f"{name}.py" for name in SCRIPT_NAMES),
+    sources = [*(SCRIPTS / f"{name}.py" for name in (*SCRIPT_NAMES, "train_with_monitor")),
                *SCRIPTS.glob("casestudies/*.py"), *SCRIPTS.parent.glob("conceptmon/demo/*.py")]
-    assert len(sources) == 4 + 7 + 6
+    assert len(sources) == 5 + 7 + 6
     assert [str(path) for path in sources if "sys.path" in path.read_text()] == []
 
 
