@@ -263,13 +263,14 @@ def test_old_demo_folders_still_name_a_model_that_builds():
 
 @pytest.mark.slow
 def test_a_small_demo_learns_and_its_verdict_matches_what_it_measured(tmp_path):
-    """A run big enough to learn, not a smoke run: its last line follows from its own numbers."""
-    small = DemoSettings.tiny(n_train=1280, n_val=128, epochs=5, image_size=64, widths=(8, 16, 32, 64),
-                              probe_n=200, batch_size=32, map_method="pca", seed=2, smoke=False)
+    """A run big enough to learn, not a smoke run: its last line follows from its own numbers
+    (whichever they are: whether the observation shows at this size is the generator's business)."""
+    small = DemoSettings.tiny(n_train=640, n_val=128, epochs=4, widths=(8, 16, 32, 64), probe_n=100,
+                              map_method="pca", seed=1, smoke=False)
     echoed = []
     result = run_demo(tmp_path / "small", small, echo=echoed.append, log=lambda m: None)
     obs, verdict = result.observation, result.verdict
-    assert obs["layer"] == "layer4" and obs["last_epoch"] == 5
+    assert obs["layer"] == "layer4" and obs["last_epoch"] == 4
     assert verdict["learned"], verdict  # well above chance, not by luck
     assert verdict["states_observation"] == obs["shown"]
     assert echoed[-1].startswith("the paper's observation holds" if obs["shown"] else "the run learned")
