@@ -65,6 +65,8 @@ def test_demo_writes_every_stage(tiny_run):
     assert echoed[-3].startswith("fc at epoch 2: the detector names")
     assert echoed[-2] == f"report: {result.report.resolve()}"
     assert echoed[-1] == result.verdict["line"]
+    # A rerun can replace the folder only if it knows every file the demo wrote.
+    assert {p.name for p in out.iterdir()} <= {p.name for p in demo_module.owned_paths(out)}
 
 
 @pytest.mark.slow
@@ -96,7 +98,9 @@ def test_tiny_demo_never_claims_the_paper(tiny_run):
 @pytest.mark.slow
 def test_demo_records_real_training_and_its_finding(tiny_run):
     out, result, _, _ = tiny_run
-    history = json.loads((out / "training.json").read_text())["history"]
+    training = json.loads((out / demo_module.TRAINING).read_text())
+    history = training["history"]
+    assert training["classes"] == list(synthetic_classes()) and 0 < training["chance"] < 1
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert all(0 <= h["val_acc"] <= 1 for h in history) and history[0]["train_acc"] is None
     first = load_state_dict(out / "checkpoints" / "epoch_0000.pt")
@@ -115,7 +119,10 @@ def test_same_seed_same_demo_and_reruns_replace_the_folder(tiny_run):
     out, result, _, _ = tiny_run
     before = load_state_dict(out / "checkpoints" / "epoch_0002.pt")
     dissect_before = store.read_dissect(out)
+    stale = store.top_images_path(out, 99)
+    stale.write_bytes(b"from an earlier, longer demo")
     again = run_demo(out, TINY, echo=lambda m: None, log=lambda m: None)  # same folder: replaced
+    assert not stale.exists()
     assert torch.equal(load_state_dict(out / "checkpoints" / "epoch_0002.pt")["fc.weight"], before["fc.weight"])
     pd.testing.assert_frame_equal(store.read_dissect(out), dissect_before)
     assert again.observation == result.observation

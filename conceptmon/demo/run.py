@@ -36,7 +36,6 @@ from typing import Callable
 import torch
 
 from .. import store
-from ..config import config_from_dict
 from ..errors import ConceptmonError
 from ..models import resolve_device
 from .data import Normalizer, TensorBatches, chance_accuracy, synthetic_classification
@@ -48,9 +47,20 @@ MARKER = "demo.json"
 """Written into OUT by the demo; a folder holding it may be overwritten by the next demo."""
 CLASSES = "classes.txt"
 """The task's class names, one per line in output order (``conceptmon validate --classes``)."""
-OWNED = (MARKER, CLASSES, "conceptmon.yaml", "training.json", "checkpoints", "probe", store.MANIFEST, "dissect",
-         "embed", "stats", store.VALIDATE, "plots", "cache", "report.html")
-"""Everything the demo writes into OUT (and removes again before a fresh run)."""
+CONFIG = "conceptmon.yaml"
+TRAINING = "training.json"
+"""Class names, per-epoch accuracies and chance of the demo's training run."""
+
+
+def owned_paths(out: Path) -> list[Path]:
+    """Everything the demo writes into ``out`` (and removes again before a fresh run)."""
+    out = Path(out)
+    return [out / MARKER, out / CLASSES, out / CONFIG, out / TRAINING, out / "checkpoints", out / "probe",
+            out / store.MANIFEST, store.dissect_dir(out), store.top_images_dir(out), store.embed_dir(out),
+            store.stats_dir(out), out / store.VALIDATE, store.plots_dir(out), store.cache_dir(out),
+            store.report_path(out)]
+
+
 CLASSIFIER = "fc"
 """The demo model's output layer: one unit per class, validated against the class names."""
 STEPS = 7
@@ -117,8 +127,7 @@ def prepare_out(out: Path, log: Callable[[str], None]) -> None:
         if not (out / MARKER).is_file():
             raise DemoError(f"--out {out}: not empty and not an earlier demo's output; choose a new or empty folder")
         log(f"replacing the earlier demo in {out}")
-        for name in OWNED:
-            path = out / name
+        for path in owned_paths(out):
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -195,7 +204,7 @@ def train(out: Path, s: DemoSettings, device: torch.device, echo, log) -> Traini
     )
     history = [r.as_dict() for r in records]
     chance = chance_accuracy(val_y)
-    store.write_json(Path(out) / "training.json", {"classes": list(classes), "history": history, "chance": chance})
+    store.write_json(Path(out) / TRAINING, {"classes": list(classes), "history": history, "chance": chance})
     return Training(history, classes, chance)
 
 
@@ -224,8 +233,7 @@ def run_demo(
     generate_probe(out, s, log)
     trained = train(out, s, device, echo, log)
     cfg_dict = demo_config(out, s, len(trained.classes))
-    write_config(out / "conceptmon.yaml", cfg_dict)
-    cfg = config_from_dict(cfg_dict, source=str(out / "conceptmon.yaml"))
+    cfg = write_config(out / CONFIG, cfg_dict)
 
     log(f"[4/{STEPS}] dissect: Network Dissection of {', '.join(s.layers)} in {s.epochs + 1} checkpoints")
     dissect_run(cfg, log=lambda m: log(f"  {m}"))
