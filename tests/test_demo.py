@@ -18,7 +18,7 @@ from conceptmon.demo import DemoError, DemoSettings, observation, run_demo
 from conceptmon.demo import run as demo_module
 from conceptmon.demo.data import chance_accuracy, synthetic_classes, synthetic_classification, task_seed
 from conceptmon.demo.model import MODEL_ARCH
-from conceptmon.demo.verdict import closing_line, learned, learning_bar, percent
+from conceptmon.demo.verdict import closing_line, judge, learned, learning_bar, percent
 from conceptmon.models import build_model
 from conceptmon.probes.synthetic import render_image
 
@@ -228,6 +228,13 @@ def test_a_smoke_run_never_claims_the_observation_even_when_it_looks_shown():
     line = closing_line(GREW, 0.958, 0.0625, smoke=True)
     assert line.startswith("smoke run (--tiny): too small to test the paper's observation")
     assert "holds" not in line
+
+
+def test_the_recorded_verdict_agrees_with_its_line():
+    assert judge(GREW, 0.958, 0.0625)["states_observation"] is True
+    for verdict in (judge(GREW, 0.958, 0.0625, smoke=True), judge(GREW, 0.094, 0.0625), judge(SHRANK, 0.9, 0.0625)):
+        assert verdict["states_observation"] is False and "holds" not in verdict["line"]
+    assert judge(GREW, 0.094, 0.0625)["learned"] is False and judge(SHRANK, 0.9, 0.0625)["learned"] is True
 
 
 # ----------------------------------------------------------------------------- the task and the model

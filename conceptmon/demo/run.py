@@ -41,7 +41,7 @@ from ..models import resolve_device
 from .data import Normalizer, TensorBatches, chance_accuracy, synthetic_classification
 from .loop import dissect_config, fit, seed_everything, stderr_log, write_config
 from .model import MODEL_ARCH, small_resnet
-from .verdict import claims_observation, closing_line, describe, describe_validation, learned, observation
+from .verdict import describe, describe_validation, judge, observation
 
 MARKER = "demo.json"
 """Written into OUT by the demo; a folder holding it may be overwritten by the next demo."""
@@ -247,10 +247,7 @@ def run_demo(
     report = report_run(out, log=lambda m: log(f"  {m}"))
 
     obs = observation(tables, s.layers[-1])
-    val_acc = trained.history[-1]["val_acc"]
-    verdict = {"val_acc": val_acc, "chance": trained.chance, "learned": learned(val_acc, trained.chance),
-               "smoke": s.smoke, "states_observation": claims_observation(obs, val_acc, trained.chance, smoke=s.smoke),
-               "line": closing_line(obs, val_acc, trained.chance, smoke=s.smoke)}
+    verdict = judge(obs, trained.history[-1]["val_acc"], trained.chance, smoke=s.smoke)
     top = validation["results"][-1]
     store.write_json(out / MARKER, {"settings": asdict(s), "observation": obs, "history": trained.history,
                                     "validation": {k: top[k] for k in ("epoch", "layer", "n_units", "top1", "top5")},

@@ -106,3 +106,10 @@ def closing_line(obs: dict, val_acc: float, chance: float, *, smoke: bool = Fals
         return f"the paper's observation holds on this run: {_what_changed(obs)}; {accuracy}"
     return (f"the run learned ({accuracy}) but did not show the paper's observation ({PAPER_OBSERVATION}): "
             f"it saw {_what_changed(obs)}")
+
+
+def judge(obs: dict, val_acc: float, chance: float, *, smoke: bool = False) -> dict:
+    """The verdict as ``demo.json`` records it: the inputs, each test, and the closing line."""
+    return {"val_acc": val_acc, "chance": chance, "learned": learned(val_acc, chance), "smoke": smoke,
+            "states_observation": claims_observation(obs, val_acc, chance, smoke=smoke),
+            "line": closing_line(obs, val_acc, chance, smoke=smoke)}
