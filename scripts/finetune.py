@@ -24,20 +24,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-import _common as common
-from conceptmon.checkpoints import CheckpointError, load_state_dict
-from conceptmon.training import (
-    Normalizer,
-    TrainingError,
-    seed_everything,
-    stderr_log,
-)
+from casestudies.finetuning import freeze_backbone, load_backbone, pretrained_state
+from casestudies.options import base_parser, finish_args, run_main
+from casestudies.runs import RunFolder, set_up, sgd
+from conceptmon.demo.data import Normalizer
+from conceptmon.demo.loop import stderr_log
 
 
 def parser():
-    p = common.base_parser(
+    p = base_parser(
         __doc__, dataset="folder", arch="resnet50", epochs=10, batch_size=64, lr=0.01,
         weight_decay=1e-4, image_size=None,
     )
@@ -48,85 +43,31 @@ def parser():
     return p
 
 
-def pretrained_state(arch: str, weights: str) -> dict[str, torch.Tensor] | None:
-    """The backbone weights asked for, or None for --weights none."""
-    if weights == "none":
-        return None
-    if weights == "imagenet":
-        import torchvision
-
-        try:
-            enum = torchvision.models.get_model_weights(arch)
-        except ValueError:
-            raise TrainingError(f"--weights imagenet: torchvision has no pretrained weights for {arch!r}; "
-                                f"pass a state_dict file instead") from None
-        try:
-            return enum.DEFAULT.get_state_dict(progress=True, check_hash=True)
-        except OSError as e:  # URLError and socket errors are OSErrors
-            raise TrainingError(
-                f"--weights imagenet: could not download {enum.DEFAULT.url} ({e}); run once on a machine "
-                f"with internet (it caches under ~/.cache/torch/hub) or pass --weights PATH"
-            ) from None
-    path = Path(weights)
-    if not path.exists():
-        raise TrainingError(f"--weights: {path} not found; pass imagenet, none or a state_dict file")
-    try:
-        return load_state_dict(path)
-    except CheckpointError as e:
-        raise TrainingError(f"--weights: {e}") from None
-
-
-def load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Copy every weight whose name and shape fit; return the names left at their fresh init."""
-    own = model.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if len(fitting) < len(own) // 2:
-        raise TrainingError(
-            f"--weights {source}: only {len(fitting)} of {len(own)} tensors fit the model; is --arch right?"
-        )
-    model.load_state_dict(fitting, strict=False)
-    return sorted(set(own) - set(fitting))
-
-
-def head_names(fresh: list[str]) -> set[str]:
-    """Modules of the parameters left fresh (the new head): what --freeze-backbone keeps training."""
-    return {n.rsplit(".", 1)[0] for n in fresh}
-
-
 def main(argv=None) -> None:
-    args = common.finish_args(parser().parse_args(argv))
-    seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    data = common.load_data(args)
-    train_dl, val_dl = common.loaders(data, args, device)
-    model, kwargs = common.make_model(args.arch, data.num_classes)
+    args = finish_args(parser().parse_args(argv))
+    setup = set_up(args)
+    data, device, model, kwargs = setup.data, setup.device, setup.model, setup.kwargs
     state = pretrained_state(args.arch, args.weights)
     fresh = []
     if state is not None:
         fresh = load_backbone(model, state, args.weights)
         stderr_log(f"loaded {args.weights} into {args.arch}; new (head) tensors: {', '.join(fresh) or 'none'}")
     if args.freeze_backbone:
-        if not fresh:
-            common.fail("--freeze-backbone: nothing would train (no new head); drop --freeze-backbone "
-                        "or use pretrained --weights")
-        heads = head_names(fresh)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.rsplit(".", 1)[0] in heads)
+        freeze_backbone(model, fresh)
     model.to(device)
-    run = common.RunFolder(args.out)
+    run = RunFolder(args.out)
     config = run.write_config(args, arch=args.arch, kwargs=kwargs, mean=data.mean, std=data.std,
                               run=args.out.resolve().name)
     stderr_log(f"{len(data.train)} training / {len(data.val)} validation images, classes {data.classes}")
 
     normalize = Normalizer(data.mean, data.std)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt = sgd([p for p in model.parameters() if p.requires_grad], args, nesterov=False)
     meta = dict(weights=args.weights if args.weights in ("imagenet", "none") else Path(args.weights).name,
                 seed=args.seed)
 
-    run.fit(model, train_dl, val_dl, opt, normalize, device, args, **meta)
+    run.fit(model, setup.train_dl, setup.val_dl, opt, normalize, device, args, **meta)
     print(f"checkpoints: {run.checkpoints}\nnext: conceptmon dissect --config {config}")
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_main(main))
+    sys.exit(run_main(main))

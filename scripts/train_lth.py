@@ -24,25 +24,16 @@ import copy
 import sys
 import time
 
-import torch
-
-import _common as common
-from conceptmon.training import (
-    EpochRecord,
-    Normalizer,
-    apply_masks,
-    cosine_lr,
-    evaluate,
-    global_magnitude_masks,
-    seed_everything,
-    sparsity,
-    stderr_log,
-    train_one_epoch,
-)
+from casestudies import fail
+from casestudies.lottery import apply_masks, global_magnitude_masks, sparsity
+from casestudies.options import base_parser, finish_args, run_main
+from casestudies.runs import RunFolder, set_up, sgd
+from conceptmon.demo.data import Normalizer
+from conceptmon.demo.loop import EpochRecord, Schedule, evaluate, stderr_log, train_epochs
 
 
 def parser():
-    p = common.base_parser(
+    p = base_parser(
         __doc__, dataset="cifar10", arch="resnet18", epochs=30, batch_size=256, lr=0.1,
         weight_decay=5e-4, image_size=None,
     )
@@ -56,25 +47,22 @@ def parser():
 
 
 def main(argv=None) -> None:
-    args = common.finish_args(parser().parse_args(argv))
+    args = finish_args(parser().parse_args(argv))
     if args.tiny:
         args.stages = min(args.stages, 1)
         args.rewind = min(args.rewind, 0)
     if args.stages < 1:
-        common.fail(f"--stages: must be at least 1, got {args.stages}")
+        fail(f"--stages: must be at least 1, got {args.stages}")
     if not 0 < args.prune_fraction < 1:
-        common.fail(f"--prune-fraction: must be between 0 and 1, got {args.prune_fraction}")
+        fail(f"--prune-fraction: must be between 0 and 1, got {args.prune_fraction}")
     if not 0 <= args.rewind < args.epochs:
-        common.fail(f"--rewind: must be between 0 and --epochs - 1 = {args.epochs - 1}, got {args.rewind}")
+        fail(f"--rewind: must be between 0 and --epochs - 1 = {args.epochs - 1}, got {args.rewind}")
 
-    seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    data = common.load_data(args)
-    train_dl, val_dl = common.loaders(data, args, device)
-    model, kwargs = common.make_model(args.arch, data.num_classes)
-    model.to(device)
-    trained = common.RunFolder(args.out, "checkpoints")
-    rewound = common.RunFolder(args.out, "rewound")
+    setup = set_up(args)
+    data, device, model, kwargs = setup.data, setup.device, setup.model.to(setup.device), setup.kwargs
+    train_dl, val_dl = setup.train_dl, setup.val_dl
+    trained = RunFolder(args.out, "checkpoints")
+    rewound = RunFolder(args.out, "rewound")
     name = args.out.resolve().name
     config = trained.write_config(args, arch=args.arch, kwargs=kwargs, mean=data.mean, std=data.std, run=name)
     rewound.write_config(args, arch=args.arch, kwargs=kwargs, mean=data.mean, std=data.std,
@@ -82,29 +70,24 @@ def main(argv=None) -> None:
                          dissect_out="conceptmon_out_rewound")
 
     normalize = Normalizer(data.mean, data.std)
-    steps_per_epoch = min(len(train_dl), args.max_steps or len(train_dl))
-    total_steps = steps_per_epoch * args.epochs
+    schedule = Schedule.over(args.lr, args.epochs, train_dl, args.max_steps)
 
-    def train_epochs(first_epoch: int, masks, stage: int) -> dict | None:
-        """Train epochs first_epoch..epochs-1 of the cosine schedule; stage 0 returns the state at --rewind."""
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                              weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    def train_stage(first_epoch: int, masks, stage: int) -> dict | None:
+        """Train epochs first_epoch..epochs of the cosine schedule; stage 0 returns the state at --rewind."""
+        opt = sgd(model.parameters(), args)
         rewind_state = copy.deepcopy(model.state_dict()) if stage == 0 and args.rewind == 0 else None
-        for epoch in range(first_epoch, args.epochs):
-            start = time.monotonic()
-            loss, acc, _ = train_one_epoch(
-                model, train_dl, opt, normalize, device, lr_at=lambda s: cosine_lr(args.lr, s, total_steps),
-                first_step=epoch * steps_per_epoch, masks=masks, max_steps=args.max_steps, progress=stderr_log,
-            )
-            if stage == 0 and epoch + 1 == args.rewind:
+        for done in train_epochs(model, train_dl, opt, normalize, device, schedule, range(first_epoch, args.epochs + 1),
+                                 max_steps=args.max_steps, after_step=lambda: apply_masks(model, masks),
+                                 progress=stderr_log):
+            if stage == 0 and done.epoch == args.rewind:
                 rewind_state = copy.deepcopy(model.state_dict())
-            stderr_log(f"stage {stage} epoch {epoch + 1}/{args.epochs}: train loss {loss:.3f} "
-                       f"acc {100 * acc:.1f}% ({time.monotonic() - start:.1f} s)")
+            stderr_log(f"stage {stage} epoch {done.epoch}/{args.epochs}: train loss {done.loss:.3f} "
+                       f"acc {100 * done.acc:.1f}% ({time.monotonic() - done.started:.1f} s)")
         return rewind_state
 
     masks = None
     start = time.monotonic()
-    rewind_state = train_epochs(0, masks, stage=0)
+    rewind_state = train_stage(1, masks, stage=0)
     for stage in range(args.stages + 1):
         if stage > 0:
             masks = global_magnitude_masks(model, args.prune_fraction, masks)
@@ -114,7 +97,7 @@ def main(argv=None) -> None:
         meta = dict(stage=stage, sparsity=sparsity(masks), rewind_epoch=args.rewind, seed=args.seed)
         if stage > 0:
             rewound.save(model, stage, **meta)
-            train_epochs(args.rewind, masks, stage=stage)
+            train_stage(args.rewind + 1, masks, stage=stage)
         else:
             # Stage 0's initialisation is the dense network at the rewind epoch.
             current = copy.deepcopy(model.state_dict())
@@ -130,4 +113,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_main(main))
+    sys.exit(run_main(main))

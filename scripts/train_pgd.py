@@ -20,27 +20,22 @@ Examples:
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
-import _common as common
-from conceptmon.training import (
-    EpochRecord,
-    Normalizer,
-    PGDSettings,
-    cosine_lr,
-    evaluate,
-    seed_everything,
-    stderr_log,
-    train_one_epoch,
-)
+from casestudies import fail
+from casestudies.datasets import load_data, loaders
+from casestudies.options import base_parser, finish_args, pick_device, run_main
+from casestudies.pgd import PGDSettings, adversarial_inputs
+from casestudies.runs import RunFolder, make_model, sgd
+from conceptmon.demo.data import Normalizer
+from conceptmon.demo.loop import evaluate, seed_everything, stderr_log
 
 MODES = ("standard", "robust")
 
 
 def parser():
-    p = common.base_parser(
+    p = base_parser(
         __doc__, dataset="cifar10", arch="resnet18", epochs=30, batch_size=128, lr=0.1,
         weight_decay=5e-4, image_size=None,
     )
@@ -59,56 +54,40 @@ def parser():
 def train_run(args, mode: str, data, device) -> None:
     seed_everything(args.seed)  # same init and data order for both runs
     attack_gen = torch.Generator().manual_seed(args.seed + 1)
-    train_dl, val_dl = common.loaders(data, args, device)
-    model, kwargs = common.make_model(args.arch, data.num_classes)
+    train_dl, val_dl = loaders(data, args, device)
+    model, kwargs = make_model(args.arch, data.num_classes)
     model.to(device)
-    run = common.RunFolder(args.out / mode)
+    run = RunFolder(args.out / mode)
     config = run.write_config(args, arch=args.arch, kwargs=kwargs, mean=data.mean, std=data.std,
                               run=f"{args.out.resolve().name}-{mode}")
     normalize = Normalizer(data.mean, data.std)
     train_attack = PGDSettings(args.eps, args.pgd_alpha, args.pgd_steps) if mode == "robust" else None
-    eval_attack = PGDSettings(args.eps, args.pgd_alpha, args.eval_steps)
+    eval_attack = adversarial_inputs(PGDSettings(args.eps, args.pgd_alpha, args.eval_steps), normalize, attack_gen)
     eval_batches = min(args.eval_batches, args.max_steps or args.eval_batches)
-    steps_per_epoch = min(len(train_dl), args.max_steps or len(train_dl))
-    total_steps = steps_per_epoch * args.epochs
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    opt = sgd(model.parameters(), args)
 
-    def measure(epoch, loss, acc, start):
-        clean = evaluate(model, val_dl, normalize, device, max_steps=args.max_steps)
-        robust = evaluate(model, val_dl, normalize, device, adversary=eval_attack, max_steps=eval_batches,
-                          generator=attack_gen)
-        run.save(model, epoch, val_acc=clean, robust_acc=robust, mode=mode, eps=args.eps, seed=args.seed)
-        run.record(EpochRecord(epoch, loss, acc, clean, time.monotonic() - start, extra={"robust_acc": robust}),
-                   unit=f"{mode} epoch")
+    def robust_accuracy(model) -> dict:
+        return {"robust_acc": evaluate(model, val_dl, normalize, device, inputs=eval_attack, max_steps=eval_batches)}
 
     stderr_log(f"{mode} run: {'PGD' if train_attack else 'clean'} training, config {config}")
-    measure(0, None, None, time.monotonic())
-    step = 0
-    for epoch in range(1, args.epochs + 1):
-        start = time.monotonic()
-        loss, acc, taken = train_one_epoch(
-            model, train_dl, opt, normalize, device, lr_at=lambda s: cosine_lr(args.lr, s, total_steps),
-            first_step=step, adversary=train_attack, max_steps=args.max_steps, progress=stderr_log,
-            generator=attack_gen,
-        )
-        step += taken
-        measure(epoch, loss, acc, start)
+    run.fit(model, train_dl, val_dl, opt, normalize, device, args, unit=f"{mode} epoch",
+            inputs=adversarial_inputs(train_attack, normalize, attack_gen) if train_attack else None,
+            measure=robust_accuracy, mode=mode, eps=args.eps, seed=args.seed)
     print(f"{mode}: checkpoints in {run.checkpoints}; next: conceptmon dissect --config {config}")
 
 
 def main(argv=None) -> None:
-    args = common.finish_args(parser().parse_args(argv))
+    args = finish_args(parser().parse_args(argv))
     if args.tiny:
         args.pgd_steps, args.eval_steps, args.eval_batches = 1, 1, 1
     for name in ("pgd_steps", "eval_steps", "eval_batches"):
         if getattr(args, name) < 1:
-            common.fail(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
     if not 0 < args.eps <= 1:
-        common.fail(f"--eps: must be in (0, 1] (pixel units, e.g. 0.0314 for 8/255), got {args.eps}")
-    device = common.pick_device(args.device)
+        fail(f"--eps: must be in (0, 1] (pixel units, e.g. 0.0314 for 8/255), got {args.eps}")
+    device = pick_device(args.device)
     seed_everything(args.seed)
-    data = common.load_data(args)
+    data = load_data(args)
     for mode in MODES if args.mode == "both" else (args.mode,):
         train_run(args, mode, data, device)
     if args.mode == "both":
@@ -117,4 +96,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_main(main))
+    sys.exit(run_main(main))

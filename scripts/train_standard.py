@@ -15,44 +15,35 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-import _common as common
-from conceptmon.training import (
-    Normalizer,
-    seed_everything,
-    stderr_log,
-)
+from casestudies.options import base_parser, finish_args, run_main
+from casestudies.runs import RunFolder, set_up, sgd
+from conceptmon.demo.data import Normalizer
+from conceptmon.demo.loop import stderr_log
 
 
 def parser():
-    return common.base_parser(
+    return base_parser(
         __doc__, dataset="places365", arch="resnet18", epochs=30, batch_size=256, lr=0.1,
         weight_decay=1e-4, image_size=None, per_class=1000,
     )
 
 
 def main(argv=None) -> None:
-    args = common.finish_args(parser().parse_args(argv))
-    seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    data = common.load_data(args)
-    train_dl, val_dl = common.loaders(data, args, device)
-    model, kwargs = common.make_model(args.arch, data.num_classes)
-    model.to(device)
-    run = common.RunFolder(args.out)
+    args = finish_args(parser().parse_args(argv))
+    setup = set_up(args)
+    data, device, model, kwargs = setup.data, setup.device, setup.model.to(setup.device), setup.kwargs
+    run = RunFolder(args.out)
     config = run.write_config(args, arch=args.arch, kwargs=kwargs, mean=data.mean, std=data.std,
                               run=args.out.resolve().name)
     stderr_log(f"{args.dataset}: {len(data.train)} training / {len(data.val)} validation images, "
                f"{data.num_classes} classes; config: {config}")
 
     normalize = Normalizer(data.mean, data.std)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    opt = sgd(model.parameters(), args)
 
-    run.fit(model, train_dl, val_dl, opt, normalize, device, args, dataset=args.dataset, seed=args.seed)
+    run.fit(model, setup.train_dl, setup.val_dl, opt, normalize, device, args, dataset=args.dataset, seed=args.seed)
     print(f"checkpoints: {run.checkpoints}\nnext: conceptmon dissect --config {config}")
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_main(main))
+    sys.exit(run_main(main))

@@ -1,4 +1,7 @@
-"""The case-study training scripts, each run for one tiny step on a small image folder."""
+"""The case-study training scripts, each run for one tiny step on a small image folder.
+
+pytest puts ``scripts/`` on the import path (pyproject.toml), as ``python scripts/X.py`` does.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -17,24 +20,19 @@ from conceptmon.checkpoints import apply_state_dict, find_checkpoints, load_stat
 from conceptmon.config import load_config, override
 from conceptmon.engine import dissect_run
 from conceptmon.models import build_model
-from conceptmon.training import (
-    Normalizer,
-    apply_masks,
-    checkpoint_payload,
-    global_magnitude_masks,
-    pgd_attack,
-    prunable_weights,
-    small_resnet,
-    sparsity,
-)
+from conceptmon.demo.data import Normalizer
+from conceptmon.demo.loop import checkpoint_payload
+from conceptmon.demo.model import MODEL_ARCH, small_resnet
+
+from casestudies.lottery import apply_masks, global_magnitude_masks, prunable_weights, sparsity
+from casestudies.options import run_main
+from casestudies.pgd import pgd_attack
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 SCRIPT_NAMES = ("train_standard", "train_lth", "train_pgd", "finetune")
 
 
 def load_script(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(f"conceptmon_script_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,8 +40,7 @@ def load_script(name: str):
 
 
 def run_script(name: str, argv: list[str]) -> int:
-    module = load_script(name)
-    return sys.modules["_common"].run_main(module.main, argv)
+    return run_main(load_script(name).main, argv)
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +100,7 @@ def test_every_script_has_help(name, capsys):
     assert "--data" in text and "--out" in text and "--tiny" in text
 
 
+@pytest.mark.slow
 def test_help_runs_as_a_command():
     # Run from another folder: the script must find the package and its helpers by itself.
     result = subprocess.run([sys.executable, str(SCRIPTS / "train_lth.py"), "--help"], cwd="/",
@@ -139,6 +137,7 @@ def test_bad_option_value_is_one_line(image_folder, tmp_path, capsys):
 # ----------------------------------------------------------------------------- the scripts
 
 
+@pytest.mark.slow
 def test_train_standard_writes_a_dissectable_run(image_folder, tmp_path, capsys):
     out = tmp_path / "std"
     rc = run_script("train_standard", ["--dataset", "folder", "--data", str(image_folder), "--out", str(out),
@@ -157,10 +156,11 @@ def test_train_standard_writes_a_dissectable_run(image_folder, tmp_path, capsys)
     assert '"val_acc"' in history and '"epoch": 1' in history
 
 
+@pytest.mark.slow
 def test_conceptmon_dissects_a_script_run_as_written(tmp_path):
     out = tmp_path / "syn"
     assert run_script("train_standard", ["--dataset", "synthetic", "--out", str(out), "--tiny",
-                                         "--arch", "conceptmon.training:small_resnet"]) == 0
+                                         "--arch", MODEL_ARCH]) == 0
     cfg = load_config(out / "conceptmon.yaml")
     # Only the probe's size and place change (a tiny set under tmp_path, not the user's cache).
     cfg = override(cfg, **{"probe.root": str(tmp_path / "probe"), "probe.n": 12})
@@ -169,10 +169,11 @@ def test_conceptmon_dissects_a_script_run_as_written(tmp_path):
     assert set(table["layer"]) == {"layer2", "layer3", "layer4"} and set(table["epoch"]) == {0, 1}
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(image_folder, tmp_path):
     def final_weights(name: str, seed: str) -> torch.Tensor:
         argv = ["--dataset", "folder", "--data", str(image_folder), "--out", str(tmp_path / name), "--tiny",
-                "--arch", "conceptmon.training:small_resnet", "--seed", seed]
+                "--arch", MODEL_ARCH, "--seed", seed]
         assert run_script("train_standard", argv) == 0
         return checkpoint_states(tmp_path / name / "checkpoints")[1]["layer4.0.conv2.weight"]
 
@@ -181,10 +182,11 @@ def test_same_seed_same_weights(image_folder, tmp_path):
     assert not torch.equal(final_weights("c", "4"), first)
 
 
+@pytest.mark.slow
 def test_train_lth_saves_masked_stages_and_rewound_inits(image_folder, tmp_path):
     out = tmp_path / "lth"
     rc = run_script("train_lth", ["--dataset", "folder", "--data", str(image_folder), "--out", str(out),
-                                  "--arch", "conceptmon.training:small_resnet", "--batch-size", "4",
+                                  "--arch", MODEL_ARCH, "--batch-size", "4",
                                   "--image-size", "24", "--epochs", "2", "--max-steps", "1",
                                   "--stages", "2", "--rewind", "1"])
     assert rc == 0
@@ -211,10 +213,11 @@ def test_train_lth_saves_masked_stages_and_rewound_inits(image_folder, tmp_path)
         assert not ((stages[1]["state_dict"][k] == 0) & (stages[2]["state_dict"][k] != 0)).any()
 
 
+@pytest.mark.slow
 def test_train_pgd_trains_both_runs_from_one_init(image_folder, tmp_path, capsys):
     out = tmp_path / "pgd"
     rc = run_script("train_pgd", ["--dataset", "folder", "--data", str(image_folder), "--out", str(out),
-                                  "--arch", "conceptmon.training:small_resnet", "--tiny"])
+                                  "--arch", MODEL_ARCH, "--tiny"])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "robust_acc" in stdout and "conceptmon compare" in stdout
@@ -226,12 +229,13 @@ def test_train_pgd_trains_both_runs_from_one_init(image_folder, tmp_path, capsys
     assert 0 <= robust[1]["robust_acc"] <= 1 and robust[1]["mode"] == "robust"
 
 
+@pytest.mark.slow
 def test_finetune_loads_backbone_and_trains_only_the_head_when_frozen(image_folder, tmp_path):
     backbone = small_resnet(num_classes=7)
     torch.save({"state_dict": backbone.state_dict(), "epoch": 99}, tmp_path / "backbone.pt")
     out = tmp_path / "ft"
     rc = run_script("finetune", ["--data", str(image_folder), "--out", str(out),
-                                 "--arch", "conceptmon.training:small_resnet",
+                                 "--arch", MODEL_ARCH,
                                  "--weights", str(tmp_path / "backbone.pt"), "--freeze-backbone", "--tiny"])
     assert rc == 0
     states = assert_dissectable(out / "conceptmon.yaml", [0, 1])
@@ -249,6 +253,26 @@ def test_finetune_refuses_weights_that_do_not_fit(image_folder, tmp_path, capsys
     assert "--weights" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_train_with_monitor_observes_a_plain_loop(tmp_path, capsys):
+    out = tmp_path / "monitored"
+    load_script("train_with_monitor").main(["--out", str(out), "--epochs", "1", "--images", "32", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 0", "epoch 1"]
+    assert "layer3" in lines[1] and "layer4" in lines[1] and "interpretable" in lines[1]
+    assert store.finished_epochs(out) == [0, 1]  # the same files `conceptmon dissect` writes
+    table = store.read_dissect(out)
+    assert set(table["layer"]) == {"layer3", "layer4"}
+
+
+def test_training_scripts_find_their_helpers_without_editing_the_import_path():
+    # `python scripts/X.py` puts scripts/ on the import path itself; the package is installed.
+    sources = [*(SCRIPTS / f"{name}.py" for name in (*SCRIPT_NAMES, "train_with_monitor")),
+               *SCRIPTS.glob("casestudies/*.py"), *SCRIPTS.parent.glob("conceptmon/demo/*.py")]
+    assert len(sources) == 5 + 7 + 6
+    assert [str(path) for path in sources if "sys.path" in path.read_text()] == []
+
+
 # ----------------------------------------------------------------------------- slurm
 
 
@@ -259,6 +283,7 @@ def _sbatch(env_extra: dict, *args) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=60)
 
 
+@pytest.mark.slow
 def test_slurm_array_task_becomes_a_shard(tmp_path):
     config = tmp_path / "conceptmon.yaml"
     config.write_text("layers: [layer4]\n")
@@ -269,6 +294,7 @@ def test_slurm_array_task_becomes_a_shard(tmp_path):
     assert result.stdout.strip() == f"conceptmon dissect --config {config} --shard 1/3 --num-workers 6 --quiet"
 
 
+@pytest.mark.slow
 def test_slurm_script_refuses_missing_config_and_non_array_runs(tmp_path):
     missing = _sbatch({"SLURM_ARRAY_TASK_ID": "0"}, str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr
