@@ -96,6 +96,7 @@ def test_the_readme_detector_plugin_is_listed_and_dissects(plugins, tmp_path):
     assert table.score.max() > 0.3  # units do respond more on some concepts' images
     assert table.confidence.isna().all()  # this detector does not resample: no confidence is claimed
     assert store.read_manifest(tmp_path / "out")["detector"]["min_images"] == 3
+    (tmp_path / "t").mkdir()
     typo = project_with(tmp_path / "t", {"probe": {"name": "synthetic", "root": str(probe)},
                                          "detector": {"name": "mean-contrast", "min_imges": 3}})
     bad = CliRunner().invoke(main, ["dissect", "--config", str(typo)])
