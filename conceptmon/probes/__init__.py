@@ -30,6 +30,9 @@ class ProbeType:
     """Dataclass of the options next to ``name`` in ``probe:`` (beyond root, image_size, mean, std, limit)."""
     vocabulary: Callable | None = None
     """``vocabulary(argument, probe) -> ConceptSet`` for ``concepts: <name>[:argument]``."""
+    example: Callable | None = None
+    """``example(folder) -> dict``: writes a small instance into ``folder`` and returns its
+    ``probe:`` config section; the contract tests run every probe set that has one."""
 
     def __call__(self, cfg):
         return self.open(cfg)
@@ -39,7 +42,8 @@ def _as_probe_type(name: str, obj) -> ProbeType:
     if isinstance(obj, ProbeType):
         return obj
     if callable(obj):
-        return ProbeType(name, obj, getattr(obj, "options", None), getattr(obj, "vocabulary", None))
+        return ProbeType(name, obj, getattr(obj, "options", None), getattr(obj, "vocabulary", None),
+                         getattr(obj, "example", None))
     raise RegistryError(f"probe.name: {name} is not a probe factory")
 
 
@@ -62,11 +66,12 @@ PROBES: Registry[ProbeType] = _ProbeRegistry(
 )
 
 
-def register_probe(name: str, *, options: type | None = None, vocabulary: Callable | None = None):
+def register_probe(name: str, *, options: type | None = None, vocabulary: Callable | None = None,
+                   example: Callable | None = None):
     """Decorator for a factory ``(ProbeConfig) -> ProbeSet``; returns the factory unchanged."""
 
     def deco(factory):
-        PROBES.register(name, source=origin_of(factory))(ProbeType(name, factory, options, vocabulary))
+        PROBES.register(name, source=origin_of(factory))(ProbeType(name, factory, options, vocabulary, example))
         return factory
 
     return deco

@@ -546,7 +546,14 @@ def broden_vocabulary(argument: str | None, probe) -> ConceptSet:
     )
 
 
-@register_probe("broden", options=BrodenOptions, vocabulary=broden_vocabulary)
+def write_example(folder: Path) -> dict:
+    """A small Broden-format folder (the synthetic generator writes that format)."""
+    from .synthetic import write_example as synthetic_example
+
+    return synthetic_example(folder, name="broden")
+
+
+@register_probe("broden", options=BrodenOptions, vocabulary=broden_vocabulary, example=write_example)
 def broden_from_config(cfg: ProbeConfig) -> BrodenProbe:
     if not cfg.root:
         raise ProbeError(f"probe.root: required for probe broden (the folder holding index.csv); {DOWNLOAD_HINT}")

@@ -167,7 +167,23 @@ def cifar_vocabulary(argument: str | None, probe) -> ConceptSet:
     return own if isinstance(own, ConceptSet) else cifar100_concepts()
 
 
-@register_probe("cifar100", options=CifarOptions, vocabulary=cifar_vocabulary)
+def write_example(folder: Path, n: int = 6) -> dict:
+    """A tiny ``cifar-100-python`` folder in torchvision's format (random pixels, labels 0..n-1)."""
+    files = Path(folder) / FOLDER
+    files.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        data = {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), b"fine_labels": list(range(n)),
+                b"coarse_labels": [0] * n, b"filenames": [f"{split}_{i}.png".encode() for i in range(n)]}
+        with open(files / split, "wb") as f:
+            pickle.dump(data, f, protocol=2)
+    with open(files / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_FINE_LABELS], b"coarse_label_names": []}, f,
+                    protocol=2)
+    return {"name": "cifar100", "root": str(folder), "split": "test"}
+
+
+@register_probe("cifar100", options=CifarOptions, vocabulary=cifar_vocabulary, example=write_example)
 def cifar_from_config(cfg: ProbeConfig) -> CifarProbe:
     if not cfg.root:
         raise ProbeError(f"probe.root: required for probe cifar100 (the folder holding {FOLDER}); {DOWNLOAD_HINT}")

@@ -96,7 +96,16 @@ class FolderProbe(ProbeSet):
         return [(self.relpath(i), p) for i, p in enumerate(self.files)]
 
 
-@register_probe("folder")
+def write_example(folder: Path) -> dict:
+    """A few solid-colour PNGs in nested folders."""
+    for i, rgb in enumerate([(255, 0, 0), (0, 160, 0), (0, 0, 255), (250, 250, 0), (20, 20, 20)]):
+        path = Path(folder) / f"set{i % 2}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), rgb).save(path)
+    return {"name": "folder", "root": str(folder)}
+
+
+@register_probe("folder", example=write_example)
 def folder_from_config(cfg: ProbeConfig) -> FolderProbe:
     if not cfg.root:
         raise ProbeError("probe.root: required for probe folder (a folder of images, searched recursively)")

@@ -714,7 +714,13 @@ class SyntheticOptions:
             raise ConfigError(f"n: must be at least 1, got {self.n}")
 
 
-@register_probe("synthetic", options=SyntheticOptions, vocabulary=lambda argument, probe: synthetic_concepts())
+def write_example(folder: Path, name: str = "synthetic") -> dict:
+    """A small synthetic set in ``folder`` (for contract tests), read as probe ``name``."""
+    return {"name": name, "root": str(generate_synthetic(Path(folder), n=24, size=32, seed=0))}
+
+
+@register_probe("synthetic", options=SyntheticOptions, vocabulary=lambda argument, probe: synthetic_concepts(),
+                example=write_example)
 def synthetic_from_config(cfg: ProbeConfig) -> SyntheticProbe:
     """probe.root set: read the set there, or generate one into it when missing or empty
     (n, image_size and seed apply only then); probe.root null: a per-user cache folder."""
