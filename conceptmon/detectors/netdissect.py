@@ -552,6 +552,7 @@ class _IoUAccumulator(LayerAccumulator):
         self.parts: list[_Candidates] = []  # the only activations kept between batches
         self.entries = 0
         self.entries_at_prune = 0
+        self.merged_values = 0  # values that ever entered the top-K merge (the linear-cost claim)
         self.peak = {"top_values": 0, "pending": 0, "candidates": 0}
 
     # ------------------------------------------------------------------ streaming
@@ -621,6 +622,7 @@ class _IoUAccumulator(LayerAccumulator):
         counts, self.pending_count = self.pending_count, torch.zeros_like(self.pending_count)
         if values.numel() == 0:
             return
+        self.merged_values += values.numel()
         order = torch.argsort(units, stable=True)
         units, values = units[order], values[order]
         starts = torch.cumsum(counts, 0) - counts
@@ -653,10 +655,11 @@ class _IoUAccumulator(LayerAccumulator):
 
     def state_bytes(self) -> dict:
         """Memory held between batches now (top-K values, pending values, sparse candidates),
-        its peak so far (``peak_*``), K and the candidate value count."""
+        its peak so far (``peak_*``), K, the candidate value count and how many values ever
+        entered the top-K merge."""
         now = self._state()
         return {**now, "total": sum(now.values()), **{f"peak_{k}": v for k, v in self.peak.items()},
-                "k": self.k, "candidate_values": self.entries,
+                "k": self.k, "candidate_values": self.entries, "merged_values": self.merged_values,
                 "pending_values": sum(t.numel() for t in self.pending_values)}
 
     def thresholds(self) -> torch.Tensor:
