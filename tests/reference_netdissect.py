@@ -6,14 +6,17 @@ loops over units and images, float64 sums. No streaming, no sparse store, no bou
 
 Rule: T = (1 - q) quantile, floor = minimum, tol = TIE_TOLERANCE * max(|T|, tiny);
 active = up >= T - tol when T - tol > floor, else up > T + tol; dead = no active pixel.
+
+``up`` is bilinear upsampling with F.interpolate's weights (align_corners=False), summed in
+the detector's fixed order: (v00 wx0 + v01 wx1) wy0 + (v10 wx0 + v11 wx1) wy1 in float32.
+F.interpolate itself rounds some sums differently in the last bit (see
+test_reference_upsampling_is_bilinear), which would make exact comparisons flaky.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from conceptmon.detectors.netdissect import TIE_TOLERANCE
 
@@ -33,6 +36,26 @@ class ReferenceCounts:
     floors: np.ndarray
 
 
+def bilinear_axis(n_in: int, n_out: int):
+    """First source index, second (clipped) and their weights per output index (float32)."""
+    scale = np.float32(n_in / n_out)
+    real = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    first = np.minimum(np.floor(real).astype(np.int64), n_in - 1)
+    lam = np.clip(real - first.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    second = np.where(first < n_in - 1, first + 1, first)
+    return first, second, (np.float32(1) - lam).astype(np.float32), lam
+
+
+def upsample(maps: np.ndarray, size) -> np.ndarray:
+    """(N, h, w) float32 -> (N, mh, mw), every output pixel of every map."""
+    y0, y1, wy0, wy1 = bilinear_axis(maps.shape[1], size[0])
+    x0, x1, wx0, wx1 = bilinear_axis(maps.shape[2], size[1])
+    maps = maps.astype(np.float32)
+    top = maps[:, y0][:, :, x0] * wx0 + maps[:, y0][:, :, x1] * wx1
+    bottom = maps[:, y1][:, :, x0] * wx0 + maps[:, y1][:, :, x1] * wx1
+    return top * wy0[:, None] + bottom * wy1[:, None]
+
+
 def active_maps(acts: np.ndarray, quantile: float, mask_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(U, N, mh, mw) bool active pixels, thresholds (U,), floors (U,)."""
     n, u, h, w = acts.shape
@@ -43,8 +66,7 @@ def active_maps(acts: np.ndarray, quantile: float, mask_size) -> tuple[np.ndarra
         t = float(np.quantile(values, 1 - quantile))
         floor = float(values.min())
         tol = TIE_TOLERANCE * max(abs(t), TINY)
-        up = F.interpolate(torch.from_numpy(np.ascontiguousarray(acts[:, unit : unit + 1], dtype=np.float32)),
-                           size=tuple(mask_size), mode="bilinear", align_corners=False)[:, 0].numpy()
+        up = upsample(acts[:, unit], mask_size)
         active[unit] = up >= t - tol if t - tol > floor else up > t + tol
         thresholds[unit], floors[unit] = t, floor
     return active, thresholds, floors

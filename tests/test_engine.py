@@ -28,7 +28,9 @@ def test_tables_follow_the_schema(array_probe_config, tiny_ckpts, tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_schema(store.dissect_path(out, 1)).remove_metadata().equals(store.DISSECT)
-    assert len(table) == 2 * 6 * 3  # layers x units x top_k
+    dead = table[table["rank"] == 0].dead
+    assert len(dead) == 2 * 6 and not dead.all()  # layers x units
+    assert len(table) == 3 * (~dead).sum() + dead.sum()  # top_k rows per live unit, one per dead unit
     assert set(table["rank"]) == {0, 1, 2}
     per_neuron = table.groupby(["layer", "neuron"])
     assert (per_neuron.interpretable.nunique() == 1).all()

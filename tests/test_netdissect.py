@@ -1,14 +1,16 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conceptmon.config import config_from_dict
 from conceptmon.detectors import RunContext, create_detector
-from conceptmon.detectors.netdissect import iou_from_counts, quantile_keep_count, threshold_from_top
+from conceptmon.detectors.netdissect import (BilinearGrid, active_pixels, iou_from_counts, margin_below,
+                                             quantile_keep_count, threshold_from_top)
 from conceptmon.engine import collect_layers, make_loader
 
 from .fakes import TinyConv, random_probe
-from .reference_netdissect import reference_netdissect
+from .reference_netdissect import reference_netdissect, upsample
 
 
 @pytest.mark.parametrize("n,q", [(10, 0.005), (1000, 0.005), (997, 0.1), (50, 0.5), (7, 0.3)])
@@ -19,6 +21,35 @@ def test_threshold_matches_numpy_quantile(n, q):
     got = threshold_from_top(top, n, q)
     want = np.quantile(values.numpy(), 1 - q, axis=1)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+SHAPES = [(28, 28, 56, 56), (7, 7, 56, 56), (13, 13, 56, 56), (5, 7, 16, 12), (1, 1, 8, 8), (16, 16, 8, 8),
+          (6, 6, 16, 16), (3, 9, 10, 40), (2, 2, 3, 3)]
+
+
+@pytest.mark.parametrize("h,w,mh,mw", SHAPES)
+def test_reference_upsampling_is_bilinear(h, w, mh, mw):
+    """The reference's upsampling is F.interpolate's, up to the rounding of the last bit."""
+    maps = torch.randn(40, h, w, generator=torch.Generator().manual_seed(h * w))
+    want = F.interpolate(maps[:, None], size=(mh, mw), mode="bilinear", align_corners=False)[:, 0]
+    got = upsample(maps.numpy(), (mh, mw))
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=4e-6 * float(maps.abs().max()))
+
+
+@pytest.mark.parametrize("h,w,mh,mw", SHAPES)
+def test_active_pixels_equal_full_upsampling(h, w, mh, mw):
+    """Only tiles next to a source >= margin_below(cut) are evaluated; the result is what
+    upsampling every pixel and comparing gives, also for tied values at the cut."""
+    g = torch.Generator().manual_seed(mh * mw)
+    maps = torch.randn(60, h, w, generator=g)
+    maps[:20] = torch.randint(0, 3, (20, h, w), generator=g).float() * 0.7  # flat regions, ties
+    cut = margin_below(torch.quantile(maps.view(60, -1), 0.8, dim=1))
+    cut[:20] = margin_below(torch.tensor(1.4))
+    want = np.nonzero(upsample(maps.numpy(), (mh, mw)) >= cut.numpy()[:, None, None])
+    got = active_pixels(maps, cut, BilinearGrid.of((h, w), (mh, mw), "cpu"))
+    key = lambda m, y, x: np.sort((np.asarray(m) * mh + np.asarray(y)) * mw + np.asarray(x))
+    np.testing.assert_array_equal(key(*got), key(*want))
+    assert len(want[0]) > 0
 
 
 def test_iou_formula_and_empty_union():

@@ -18,7 +18,7 @@ from conceptmon.engine import collect_layers, dissect_run, make_loader
 from conceptmon.probes import create_probe
 from conceptmon.probes.synthetic import generate_synthetic
 
-from .reference_netdissect import reference_netdissect
+from .reference_netdissect import reference_netdissect, upsample
 
 N_IMAGES = 60
 UNITS = ("green", "relu6_red", "hardtanh_blue", "zero", "constant", "corner")
@@ -46,17 +46,19 @@ class SaturatingUnits(torch.nn.Module):
 
 
 class CoarseUnits(torch.nn.Module):
-    """Saturating units pooled to 6x6: upsampling to 16x16 uses weights that are not powers of
-    two, so flat regions at 0.7 / -0.7 come back only up to float32 rounding."""
+    """Units on a 6x6 grid that saturate at exactly +-0.7: upsampled to 16x16, flat regions
+    at 0.7 come back a little below it and regions at -0.7 a little above (float32 rounding
+    of interpolation weights that are not powers of two)."""
 
     def forward(self, x):
         rgb = (x * 255).round()
         r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-        green = ((r == 0) & (g == 160) & (b == 0)).float() * 0.7
-        clamped = torch.clamp(8 * (r - g - b) / 255, 0, 0.7)
-        hardtanh = F.hardtanh(4 * (b - torch.maximum(r, g)) / 255 - 1, -0.7, 0.7)
-        constant = torch.full_like(r, -0.7)
-        return F.adaptive_avg_pool2d(torch.stack([green, clamped, hardtanh, constant], dim=1), 6)
+        cells = lambda m: F.adaptive_avg_pool2d(m[:, None], 6)[:, 0]
+        green = (cells(((r == 0) & (g == 160) & (b == 0)).float()) == 1).float() * 0.7  # cells wholly green
+        clamped = torch.clamp(cells(8 * (r - g - b) / 255), 0, 0.7)
+        hardtanh = F.hardtanh(cells(4 * (b - torch.maximum(r, g)) / 255 - 1), -0.7, 0.7)
+        constant = torch.full_like(green, -0.7)
+        return torch.stack([green, clamped, hardtanh, constant], dim=1)
 
 
 class SaturatingNet(torch.nn.Module):
@@ -148,10 +150,10 @@ def test_saturating_units_get_their_colour_and_equal_brute_force(probe, tmp_path
     np.testing.assert_allclose(coarse.scores.numpy(), want, rtol=1e-5, atol=1e-6)
     assert coarse.labels.dead.tolist() == [False, False, False, True] == dead.tolist()
     best = best_concepts(coarse.scores, probe)
-    assert best[0] in ("green", "grass") and best[2] == "blue"  # 6x6 cells wholly green lie in grass
+    assert best[0] in ("green", "grass")  # 6x6 cells wholly green lie in grass
     # Flat regions at T upsample to T +- rounding: without the tolerance, `>= T` would lose some
     # of them and the constant unit (T == floor) would get spurious active pixels above T.
-    up = F.interpolate(torch.from_numpy(acts["coarse"]), size=probe.mask_size, mode="bilinear", align_corners=False)
+    up = np.stack([upsample(acts["coarse"][:, u], probe.mask_size) for u in range(4)], axis=1)
     t = counts.thresholds
     assert (up[:, 0] >= t[0]).sum() < counts.area[0].sum() and (up[:, 3] > t[3]).sum() > 0
 

@@ -432,6 +432,17 @@ _UNKNOWN = -1e30
 lands far below every cut (see the module docstring)."""
 
 
+def segment_ids(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """(sum(counts),) long: i repeated counts[i] times, as ``repeat_interleave`` but a cumsum
+    (several times faster on CPU for millions of entries)."""
+    counts = counts.long()
+    total = int(counts.sum()) if total is None else total
+    marks = torch.zeros(total + 1, dtype=torch.long, device=counts.device)
+    ends = torch.cumsum(counts, 0)[:-1]
+    marks.index_add_(0, ends, torch.ones_like(ends))
+    return torch.cumsum(marks[:-1], 0)
+
+
 @dataclass
 class _Candidates:
     """Sparse store of the activations that can still produce active pixels.
@@ -457,20 +468,19 @@ class _Candidates:
 
     def entry_maps(self) -> torch.Tensor:
         """(E,) long: the map of every entry."""
-        return torch.repeat_interleave(torch.arange(self.units.numel(), device=self.units.device),
-                                       self.counts.long())
+        return segment_ids(self.counts, self.entry_val.numel())
 
     def offsets(self) -> torch.Tensor:
         """(S + 1,) long: map s's entries are entry_*[offsets[s]:offsets[s + 1]]."""
         return torch.cat([self.counts.new_zeros(1, dtype=torch.long), torch.cumsum(self.counts.long(), 0)])
 
-    def select(self, keep_map: torch.Tensor, keep_entry: torch.Tensor) -> "_Candidates":
-        """Maps where keep_map, with their entries where keep_entry (E,)."""
-        entry_map = self.entry_maps()
-        keep_entry = keep_entry & keep_map[entry_map]
-        counts = torch.bincount(entry_map[keep_entry], minlength=self.units.numel())[keep_map].to(torch.int32)
-        return _Candidates(self.units[keep_map], self.images[keep_map], self.maxima[keep_map], counts,
-                           self.entry_pos[keep_entry], self.entry_val[keep_entry])
+    def split(self, n_maps: int) -> tuple["_Candidates", "_Candidates"]:
+        """The first n_maps maps (with their entries) and the rest."""
+        cut = int(self.counts[:n_maps].long().sum())
+        maps = ("units", "images", "maxima", "counts")
+        head = [getattr(self, f)[:n_maps] for f in maps] + [self.entry_pos[:cut], self.entry_val[:cut]]
+        tail = [getattr(self, f)[n_maps:] for f in maps] + [self.entry_pos[cut:], self.entry_val[cut:]]
+        return _Candidates(*head), _Candidates(*tail)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.units, self.images, self.maxima, self.counts,
@@ -491,41 +501,148 @@ def _neighbourhood(hot: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sparsify(maps: torch.Tensor, cut: torch.Tensor, units, images, maxima, pos_dtype) -> tuple[_Candidates, torch.Tensor]:
-    """Maps (S, h, w) -> their 3x3 neighbourhoods of pixels >= cut (S,); also each entry's map."""
+def _sparsify(acts: torch.Tensor, cut: torch.Tensor, images: torch.Tensor, pos_dtype) -> tuple[_Candidates, torch.Tensor]:
+    """A batch (B, U, h, w) -> the 3x3 neighbourhoods of its pixels >= cut[unit], for the maps
+    that have any; also each entry's unit. Maps come in (image, unit) order."""
+    b, u, h, w = acts.shape
+    maxima = acts.amax(dim=(2, 3))  # (B, U)
+    img_i, unit_i = torch.nonzero(maxima >= cut[None, :], as_tuple=True)
+    maps = acts[img_i, unit_i]  # only maps that reach the cut: usually a small share
     s = maps.shape[0]
-    keep = _neighbourhood(maps >= cut[:, None, None]).view(s, -1)
+    keep = _neighbourhood(maps >= cut[unit_i][:, None, None]).view(s, h * w)
     entry_map, entry_pos = torch.nonzero(keep, as_tuple=True)
-    part = _Candidates(units.to(torch.int32), images.to(torch.int32), maxima, keep.sum(1).to(torch.int32),
-                       entry_pos.to(pos_dtype), maps.reshape(s, -1)[entry_map, entry_pos])
-    return part, entry_map
+    part = _Candidates(unit_i.to(torch.int32), images[img_i].to(torch.int32), maxima[img_i, unit_i],
+                       torch.bincount(entry_map, minlength=s).to(torch.int32), entry_pos.to(pos_dtype),
+                       maps.view(s, h * w)[keep])
+    return part, unit_i[entry_map]
 
 
-def _near_hot(c: _Candidates, hot: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(E,) bool: entries within one step of a hot entry of the same map (dense bool grids,
-    a bounded number of maps at a time)."""
+def _prune_candidates(c: _Candidates, cut: torch.Tensor, shape: tuple[int, int]) -> _Candidates:
+    """Keep the entries within one step of an entry >= cut[unit] of the same map, and the maps
+    that still have one (a map keeps its maximum while it is >= cut: it is one of its entries).
+
+    The neighbourhoods are dilated on dense bool grids, a bounded number of maps at a time.
+    """
     h, w = shape
+    hw = h * w
+    entry_map = c.entry_maps()
+    map_cut = cut[c.units.long()]
+    hot = c.entry_val >= map_cut[entry_map]
     near = torch.zeros_like(hot)
     offsets = c.offsets()
-    rows = max(1, (16 << 20) // (h * w))
-    bounds = offsets[:: rows].tolist() + [int(offsets[-1])]
-    for chunk, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    rows = max(1, (16 << 20) // hw)
+    n_maps = c.units.numel()
+    starts = list(range(0, n_maps, rows))
+    edges = offsets[torch.tensor(starts + [n_maps], device=offsets.device)].tolist()
+    for first, lo, hi in zip(starts, edges[:-1], edges[1:]):
         if lo == hi:
             continue
-        first = chunk * rows
-        n_maps = min(rows, c.units.numel() - first)
-        local = torch.repeat_interleave(torch.arange(n_maps, device=hot.device), c.counts[first:first + n_maps].long())
-        pos = c.entry_pos[lo:hi].long()
-        grid = torch.zeros(n_maps, h * w, dtype=torch.bool, device=hot.device)
-        grid[local[hot[lo:hi]], pos[hot[lo:hi]]] = True
-        near[lo:hi] = _neighbourhood(grid.view(n_maps, h, w)).view(n_maps, -1)[local, pos]
-    return near
+        n = min(rows, n_maps - first)
+        flat = (entry_map[lo:hi] - first) * hw + c.entry_pos[lo:hi].long()
+        grid = torch.zeros(n * hw, dtype=torch.bool, device=hot.device)
+        grid[flat] = hot[lo:hi]  # cells are unique: one entry per (map, position)
+        near[lo:hi] = _neighbourhood(grid.view(n, h, w)).view(-1)[flat]
+    keep_map = c.maxima >= map_cut
+    counts = torch.bincount(entry_map[near], minlength=n_maps)[keep_map].to(torch.int32)
+    return _Candidates(c.units[keep_map], c.images[keep_map], c.maxima[keep_map], counts,
+                       c.entry_pos[near], c.entry_val[near])
+
+
+@dataclass
+class BilinearGrid:
+    """Bilinear upsampling from (h, w) to (mh, mw) as ``F.interpolate(..., align_corners=False)``
+    computes it. Per output row: first source row y0 and weights wy0 (for y0) and wy1 (for
+    y0 + 1, clipped); the same per column. Output rows that share y0 are contiguous; they
+    are cut into *groups* of at most ``tile_h`` rows (group g: source row ``gy_src[g]``,
+    rows ``gy_start[g]`` + 0..``gy_count[g]``-1), columns likewise, so that every output
+    pixel lies in exactly one (row group, column group) tile of one 2x2 source block.
+    """
+
+    wy0: torch.Tensor
+    wy1: torch.Tensor
+    gy_src: torch.Tensor
+    gy_start: torch.Tensor
+    gy_count: torch.Tensor
+    wx0: torch.Tensor
+    wx1: torch.Tensor
+    gx_src: torch.Tensor
+    gx_start: torch.Tensor
+    gx_count: torch.Tensor
+    tile_h: int
+    tile_w: int
+
+    @staticmethod
+    def axis(n_in: int, n_out: int, device) -> tuple:
+        # PyTorch's recipe (UpSample.h): scale = in / out, source = max(scale * (dst + 0.5) - 0.5, 0)
+        scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+        real = (scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5).clamp_min(0)
+        first = torch.clamp(real.floor().long(), max=n_in - 1)
+        lam = (real - first).clamp(0, 1)
+        tile = max(1, math.ceil(n_out / n_in))
+        # Runs of equal `first`, cut into groups of at most `tile` outputs.
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(first[1:] != first[:-1])[:, 0] + 1])
+        lengths = torch.diff(torch.cat([starts, torch.tensor([n_out])]))
+        pieces = (lengths + tile - 1) // tile
+        run = torch.repeat_interleave(torch.arange(len(starts)), pieces)
+        offset = (torch.arange(int(pieces.sum())) - torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces, pieces)) * tile
+        g_start = starts[run] + offset
+        g_count = torch.minimum(lengths[run] - offset, torch.tensor(tile))
+        g_src = first[g_start]
+        return tuple(t.to(device) for t in (1 - lam, lam, g_src, g_start, g_count)) + (tile,)
+
+    @classmethod
+    def of(cls, shape: tuple[int, int], mask_size: tuple[int, int], device) -> "BilinearGrid":
+        *ys, tile_h = cls.axis(shape[0], mask_size[0], device)
+        *xs, tile_w = cls.axis(shape[1], mask_size[1], device)
+        return cls(*ys, *xs, tile_h, tile_w)
+
+
+def active_pixels(maps: torch.Tensor, cut: torch.Tensor, grid: BilinearGrid) -> tuple[torch.Tensor, ...]:
+    """(map, y, x) of the upsampled pixels >= cut[map], without upsampling whole maps.
+
+    Each output pixel interpolates one 2x2 source block, and the blocks' output pixels
+    tile the output (:class:`BilinearGrid`). A block can only give an active pixel if one
+    of its sources is >= margin_below(cut) (module docstring), so only those tiles are
+    evaluated: their four sources are read once, and the interpolation runs on the tile
+    with F.interpolate's weights in a fixed order of operations (so CPU and CUDA agree to
+    the bit; F.interpolate itself may differ in the last bit, which TIE_TOLERANCE absorbs
+    for tied values).
+    """
+    n, h, w = maps.shape
+    hot = maps >= margin_below(cut)[:, None, None]
+    block = hot.clone()  # block (y, x) has source rows y, y + 1 and columns x, x + 1 (clipped)
+    block[:, :-1] |= hot[:, 1:]
+    block[:, :, :-1] |= block[:, :, 1:].clone()
+    tiles = block[:, grid.gy_src][:, :, grid.gx_src]  # (n, row groups, column groups)
+    m, gy, gx = torch.nonzero(tiles, as_tuple=True)
+    by, bx = grid.gy_src[gy], grid.gx_src[gx]
+    v = maps.reshape(-1)
+    base = m * (h * w)
+    row_a, row_b = base + by * w, base + torch.clamp(by + 1, max=h - 1) * w
+    col_a, col_b = bx, torch.clamp(bx + 1, max=w - 1)
+    v00, v01, v10, v11 = v[row_a + col_a], v[row_a + col_b], v[row_b + col_a], v[row_b + col_b]
+    dev = maps.device
+    rows = torch.arange(grid.tile_h, device=dev)
+    cols = torch.arange(grid.tile_w, device=dev)
+    oy = grid.gy_start[gy][:, None] + rows  # (tiles, tile_h), padded where a group is shorter
+    ox = grid.gx_start[gx][:, None] + cols
+    valid_y = rows < grid.gy_count[gy][:, None]
+    valid_x = cols < grid.gx_count[gx][:, None]
+    oy_i = torch.clamp(oy, max=grid.wy0.numel() - 1)
+    ox_i = torch.clamp(ox, max=grid.wx0.numel() - 1)
+    wx0, wx1 = grid.wx0[ox_i], grid.wx1[ox_i]
+    top = v00[:, None] * wx0 + v01[:, None] * wx1  # (tiles, tile_w)
+    bottom = v10[:, None] * wx0 + v11[:, None] * wx1
+    value = top[:, None, :] * grid.wy0[oy_i][:, :, None] + bottom[:, None, :] * grid.wy1[oy_i][:, :, None]
+    on = (value >= cut[m][:, None, None]) & valid_y[:, :, None] & valid_x[:, None, :]
+    t_i, r_i, c_i = torch.nonzero(on, as_tuple=True)
+    return m[t_i], oy[t_i, r_i], ox[t_i, c_i]
 
 
 def _densify(c: _Candidates, offsets: torch.Tensor, start: int, stop: int, shape: tuple[int, int]) -> torch.Tensor:
     """Maps start..stop-1 as dense (n, h, w), unkept pixels set to _UNKNOWN."""
     lo, hi = int(offsets[start]), int(offsets[stop])
-    local = torch.repeat_interleave(torch.arange(stop - start, device=c.entry_val.device), c.counts[start:stop].long())
+    local = segment_ids(c.counts[start:stop], hi - lo)
     dense = torch.full((stop - start, shape[0] * shape[1]), _UNKNOWN, device=c.entry_val.device)
     dense[local, c.entry_pos[lo:hi].long()] = c.entry_val[lo:hi]
     return dense.view(stop - start, *shape)
@@ -551,7 +668,6 @@ class _IoUAccumulator(LayerAccumulator):
         self.pending_count: torch.Tensor | None = None  # (U,)
         self.parts: list[_Candidates] = []  # the only activations kept between batches
         self.entries = 0
-        self.entries_at_prune = 0
         self.merged_values = 0  # values that ever entered the top-K merge (the linear-cost claim)
         self.peak = {"top_values": 0, "pending": 0, "candidates": 0}
 
@@ -592,25 +708,26 @@ class _IoUAccumulator(LayerAccumulator):
         if self.n_seen > self.n_values:
             raise DetectorError(f"layer {self.layer}: more activations than the probe set's {self.n_images} images")
         self.floor = torch.minimum(self.floor, acts.amin(dim=(0, 2, 3)))
-        keep_cut = self._keep_cut()
-        maxima = acts.amax(dim=(2, 3))  # (B, U)
-        img_i, unit_i = torch.nonzero(maxima >= keep_cut[None, :], as_tuple=True)
-        if img_i.numel():
-            part, entry_map = _sparsify(acts[img_i, unit_i], keep_cut[unit_i], unit_i, index.to(acts.device)[img_i],
-                                        maxima[img_i, unit_i], self.pos_dtype)
+        filling = bool(torch.isinf(self.bound).any())
+        if filling:  # fewer than K values merged yet: every value counts, merge the batch whole
+            self._merge()
+            merged = torch.cat([self.top, acts.transpose(0, 1).reshape(u, -1)], dim=1)
+            self.top = merged.topk(self.k, dim=1, sorted=False).values
+            self.bound = self.top.amin(dim=1)
+            self.merged_values += b * h * w * u
+        part, entry_unit = _sparsify(acts, self._keep_cut(), index.to(acts.device), self.pos_dtype)
+        if part.units.numel():
             self.parts.append(part)
             self.entries += part.entry_val.numel()
-            # Every value above the bound is >= the keep cut, so it is among the entries.
-            entry_unit = unit_i[entry_map]
-            above = part.entry_val > self.bound[entry_unit]
-            self.pending_units.append(entry_unit[above].to(torch.int32))
-            self.pending_values.append(part.entry_val[above])
-            self.pending_count += torch.bincount(entry_unit[above], minlength=u)
+            if not filling:  # every value above the bound is >= the keep cut, so among the entries
+                above = part.entry_val > self.bound[entry_unit]
+                self.pending_units.append(entry_unit[above].to(torch.int32))
+                self.pending_values.append(part.entry_val[above])
+                self.pending_count += torch.bincount(entry_unit[above], minlength=u)
         self._note_peak()
         if int(self.pending_count.max()) >= self.merge_at:
             self._merge()
-        if self.entries > 2 * max(self.entries_at_prune, self.n_units * 64):
-            self._prune(self._keep_cut())
+        self._rolling_prune(2 * part.entry_val.numel() + self.n_units * 64)
 
     def _merge(self) -> None:
         """Fold the pending values into the per-unit top K and raise the bound."""
@@ -634,15 +751,38 @@ class _IoUAccumulator(LayerAccumulator):
         self.bound = self.top.amin(dim=1)
 
     def _prune(self, cut: torch.Tensor) -> None:
-        """Drop maps whose maximum is below ``cut`` and entries no longer near one >= it."""
+        """Prune every stored map against ``cut`` (at the end, with the final cut)."""
         if not self.parts:
             return
-        c = _Candidates.concat(self.parts)
-        c = c.select(c.maxima >= cut[c.units.long()], torch.ones_like(c.entry_val, dtype=torch.bool))
-        hot = c.entry_val >= cut[c.units.long()[c.entry_maps()]]
-        c = c.select(torch.ones_like(c.maxima, dtype=torch.bool), _near_hot(c, hot, self.map_shape))
+        c = _prune_candidates(_Candidates.concat(self.parts), cut, self.map_shape)
         self.parts = [c]
-        self.entries = self.entries_at_prune = c.entry_val.numel()
+        self.entries = c.entry_val.numel()
+
+    def _rolling_prune(self, budget: int) -> None:
+        """Re-prune the oldest ``budget`` stored entries against the current keep cut.
+
+        The parts form a queue of maps, oldest first; pruned maps go to the back. Each batch
+        thus re-checks about twice the entries it added: work per batch stays proportional to
+        the batch (no full re-prune whose cost grows with the images seen), and since about
+        half of what comes to the front is stale, the store stays within ~2x what is valid.
+        """
+        taken, left = [], budget
+        while left > 0 and len(self.parts) > 1:  # the newest part was just built with this cut
+            first = self.parts[0]
+            size = first.entry_val.numel()
+            if size <= left:
+                taken.append(self.parts.pop(0))
+                left -= size
+            else:
+                n_maps = int(torch.searchsorted(first.offsets(), left)) or 1
+                head, self.parts[0] = first.split(n_maps)
+                taken.append(head)
+                left = 0
+        if taken:
+            before = sum(p.entry_val.numel() for p in taken)
+            pruned = _prune_candidates(_Candidates.concat(taken), self._keep_cut(), self.map_shape)
+            self.parts.append(pruned)
+            self.entries += pruned.entry_val.numel() - before
 
     def _note_peak(self) -> None:
         for key, value in self._state().items():
@@ -698,17 +838,16 @@ class _IoUAccumulator(LayerAccumulator):
             present = torch.from_numpy(masks.categories_present).to(dev).to(torch.float64)
             label_offsets = torch.from_numpy(masks.label_offsets).to(dev)
             label_values = torch.from_numpy(masks.label_values).to(dev)
+            grid = BilinearGrid.of(self.map_shape, (mh, mw), dev)
             # Chunks bound the upsampled maps (~64 MB) and the per-map concept counts.
             chunk = max(1, min(_UPSAMPLE_VALUES // (mh * mw), _UPSAMPLE_VALUES // (4 * (n_concepts + 1))))
             for start in range(0, cand.units.numel(), chunk):
                 stop = min(start + chunk, cand.units.numel())
                 u_s, img_s = cand.units[start:stop].long(), cand.images[start:stop].long()
                 maps = _densify(cand, offsets, start, stop, self.map_shape)
-                up = F.interpolate(maps[:, None], size=(mh, mw), mode="bilinear", align_corners=False)[:, 0]
-                del maps
                 # Only the few active pixels matter from here on: work on their coordinates.
-                s_idx, ys, xs = torch.nonzero(up >= cut[u_s][:, None, None], as_tuple=True)
-                del up
+                s_idx, ys, xs = active_pixels(maps, cut[u_s], grid)
+                del maps
                 n = stop - start
                 area = torch.bincount(s_idx, minlength=n).to(torch.float64)
                 counts = torch.zeros(n * (n_concepts + 1), dtype=torch.float64, device=dev)
