@@ -613,7 +613,7 @@ def active_pixels(maps: torch.Tensor, cut: torch.Tensor, grid: BilinearGrid) -> 
     block = hot.clone()  # block (y, x) has source rows y, y + 1 and columns x, x + 1 (clipped)
     block[:, :-1] |= hot[:, 1:]
     block[:, :, :-1] |= block[:, :, 1:].clone()
-    tiles = block[:, grid.gy_src][:, :, grid.gx_src]  # (n, row groups, column groups)
+    tiles = block.index_select(1, grid.gy_src).index_select(2, grid.gx_src)  # (n, row groups, column groups)
     m, gy, gx = torch.nonzero(tiles, as_tuple=True)
     by, bx = grid.gy_src[gy], grid.gx_src[gx]
     v = maps.reshape(-1)
