@@ -750,14 +750,6 @@ class _IoUAccumulator(LayerAccumulator):
         self.top = block.topk(self.k, dim=1, sorted=False).values
         self.bound = self.top.amin(dim=1)
 
-    def _prune(self, cut: torch.Tensor) -> None:
-        """Prune every stored map against ``cut`` (at the end, with the final cut)."""
-        if not self.parts:
-            return
-        c = _prune_candidates(_Candidates.concat(self.parts), cut, self.map_shape)
-        self.parts = [c]
-        self.entries = c.entry_val.numel()
-
     def _rolling_prune(self, budget: int) -> None:
         """Re-prune the oldest ``budget`` stored entries against the current keep cut.
 
@@ -825,7 +817,9 @@ class _IoUAccumulator(LayerAccumulator):
         replicates = det.ctx.trust.replicates
         dev = self.top.device
         cut = active_cut(self.thresholds(), self.floor)
-        self._prune(margin_below(cut))  # maps with no source this high cannot have an active pixel
+        # No final prune: active_pixels reads only blocks next to a source >= margin_below(cut),
+        # whose neighbourhoods the store kept (every keep cut so far was below that).
+        self.parts = [_Candidates.concat(self.parts)] if self.parts else []
         inter = torch.zeros(self.n_units, n_concepts, dtype=torch.float64, device=dev)
         act_area = torch.zeros(self.n_units, n_cat, dtype=torch.float64, device=dev)
         total_area = torch.zeros(self.n_units, dtype=torch.float64, device=dev)
