@@ -5,7 +5,8 @@ import torch
 
 from conceptmon.config import config_from_dict
 from conceptmon.detectors import RunContext, TrustSettings, create_detector, poisson_weights
-from conceptmon.detectors.netdissect import CountTable, bootstrap_labels, weighted_image_sums
+from conceptmon.detectors.netdissect import (CountTable, add_weighted_image_sums, bootstrap_labels,
+                                             weighted_image_sums)
 from conceptmon.engine import collect_layers, make_loader
 
 from .fakes import TinyConv, random_probe
@@ -22,22 +23,29 @@ def table(dense: np.ndarray) -> CountTable:
 def confidence_of(inter, area, labels, reported, replicates=1000, seed=0, concept_category=None):
     """inter (U, M, N), area (U, n_cat, N), labels (M, N) per-image counts."""
     u, m, n = inter.shape
-    weights = poisson_weights(n, replicates, seed)
-    label_rep = weighted_image_sums(weights, table(labels))
+    weights = poisson_weights(n, replicates, seed).double()
+    sums = [weighted_image_sums(weights, table(x.reshape(-1, n))).view(*x.shape[:-1], replicates)
+            for x in (inter, area, labels)]
     cat = torch.zeros(m, dtype=torch.long) if concept_category is None else torch.tensor(concept_category)
-    return bootstrap_labels(weights, table(inter.reshape(u * m, n)), table(area.reshape(u * area.shape[1], n)),
-                            label_rep, cat, torch.tensor(reported))
+    return bootstrap_labels(*sums, cat, torch.tensor(reported))
 
 
 def test_weighted_image_sums_equal_dense_products():
     rng = np.random.default_rng(0)
     dense = rng.integers(0, 3, size=(7, 20)) * (rng.random((7, 20)) < 0.3)
-    weights = poisson_weights(20, 5, seed=1)
-    got = weighted_image_sums(weights, table(dense.astype(np.float32)))
-    np.testing.assert_allclose(got.numpy(), weights.numpy() @ dense.T, rtol=1e-6)
-    # Repeated cells add up, as the scoring step's chunks produce them.
+    weights = poisson_weights(20, 5, seed=1).double()
+    got = weighted_image_sums(weights, table(dense.astype(np.float64)))
+    np.testing.assert_array_equal(got.numpy(), dense @ weights.numpy().T)  # integers: exact
+    # Repeated cells add up.
     doubled = CountTable(torch.tensor([2, 2]), torch.tensor([4, 4]), torch.tensor([1.0, 2.0]), 7)
-    np.testing.assert_allclose(weighted_image_sums(weights, doubled)[:, 2].numpy(), 3 * weights[:, 4].numpy())
+    np.testing.assert_array_equal(weighted_image_sums(weights, doubled)[2].numpy(), 3 * weights[:, 4].numpy())
+    # Chunk by chunk into a running total (as the scoring step does) gives the same sums.
+    total = torch.zeros(7, 5, dtype=torch.float64)
+    rows, images = np.nonzero(dense)
+    for part in np.array_split(np.arange(len(rows)), 3):
+        add_weighted_image_sums(total, weights, CountTable(torch.from_numpy(rows[part]), torch.from_numpy(images[part]),
+                                                           torch.from_numpy(dense[rows[part], images[part]] * 1.0), 7))
+    np.testing.assert_array_equal(total.numpy(), got.numpy())
 
 
 def test_a_concept_that_wins_in_every_image_has_confidence_one():
@@ -119,10 +127,10 @@ def test_confidences_equal_the_brute_force_bootstrap(tmp_path):
         _, _, counts = reference_netdissect(acts.numpy(), probe, 0.1)
         conf, low, high = reference_bootstrap(counts, weights)
         labels = results[name].labels
-        # float32 replicate sums against float64 ones: a near-tie may flip in one replicate.
-        np.testing.assert_allclose(labels.confidence.numpy(), conf, atol=1.5 / 40)
-        np.testing.assert_allclose(labels.score_low.numpy(), low, atol=1e-5)
-        np.testing.assert_allclose(labels.score_high.numpy(), high, atol=1e-5)
+        # Exact float64 replicate sums on both sides: the same replicate winners, to the bit.
+        np.testing.assert_array_equal(labels.confidence.numpy(), conf.astype(np.float32))
+        np.testing.assert_allclose(labels.score_low.numpy(), low, rtol=1e-6)
+        np.testing.assert_allclose(labels.score_high.numpy(), high, rtol=1e-6)
         assert (conf < 1).any()  # some labels are uncertain: the comparison is not vacuous
 
 

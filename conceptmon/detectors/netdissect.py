@@ -2,8 +2,9 @@
 
 **Which pixels are active.** Per unit, T is the exact (1 - quantile) quantile of all its
 activation values over the probe set (linear interpolation, as ``numpy.quantile``) and
-``floor`` its minimum. Maps are upsampled bilinearly to the mask resolution; an upsampled
-value x is *active* when
+``floor`` its minimum. Maps are upsampled bilinearly to the mask resolution (F.interpolate's
+weights, align_corners=False, summed in one fixed order: :func:`active_pixels`); an
+upsampled value x is *active* when
 
 * ``x >= T - tol`` if ``T - tol > floor``. So a tied top block is active: when more than
   ``quantile`` of a unit's values share its top value (flat regions of the synthetic
@@ -14,8 +15,8 @@ value x is *active* when
   1 - quantile of the positions), so only values above it are active, not the whole map.
 
 ``tol = TIE_TOLERANCE * max(|T|, tiny)``. Bilinear interpolation of a flat region returns
-its value only up to float32 rounding (measured: at most 2.2e-7 relative, 3.6 units of
-2^-24), so without a tolerance a tied block would flicker in and out of the active region
+its value only up to float32 rounding (measured with F.interpolate: at most 2.2e-7
+relative, 3.6 units of 2^-24), so without a tolerance a tied block would flicker in and out of the active region
 pixel by pixel, and the floor block of a hardtanh unit could turn active. 1e-5 is ~50x that
 error and far below the spacing of any 16-bit float format (bf16 3.9e-3, fp16 9.8e-4), so
 distinct quantised levels are never merged. A unit with no active pixel over the whole
@@ -31,21 +32,26 @@ probe set is **dead** (a constant unit always is): it gets no concept.
   can reach c only if one of its sources is >= m(c) >= m(m(T)) >= m(m(b)).
 
 So for maps whose maximum is >= m(m(b)) we keep only the 3x3 neighbourhoods of their
-pixels >= m(m(b)) (pruned as b rises). An output pixel with a source that high has its
-whole 2x2 block inside the kept neighbourhood and is upsampled exactly; every other
-output pixel cannot be active, and where it touches an unkept source its value falls to
-~_UNKNOWN, far below any cut. Memory follows the kept top values, never all maps.
+pixels >= m(m(b)), and re-prune stored maps as b rises. An output pixel with a source
+>= m(c) has its whole 2x2 block inside a kept neighbourhood and is computed exactly from
+kept values; every other output pixel cannot be active and is never computed (scoring
+evaluates only the output tiles of blocks with such a source). Memory follows the kept
+top values, never all maps.
 
 **Linear cost.** Values above the bound are the only ones that can enter the top K. They
 are already among the sparse store's entries; they wait in a *pending* buffer and are
 merged into the per-unit top-K (one ``topk`` over [top | pending padded per unit]) only
 when some unit has max(K/4, ``min_merge``) of them, refreshing the bound. With values in
 random order about K (1 + ln(n / K)) of a unit's n values ever beat its bound, so merging
-costs a few K per unit in all, and each batch costs work proportional to its own size,
-not to the images seen so far. Everything stays tensor ops on the activations' device.
+costs a few K per unit in all. Re-pruning is rolling: each batch re-checks the oldest
+stored entries, about twice as many as it added, instead of re-pruning everything from
+time to time. So each batch costs work proportional to its own size, not to the images
+seen so far. Everything stays tensor ops on the activations' device.
 
-**Bootstrap confidence.** With ``ctx.trust.replicates = B > 0``, the scoring step also
-keeps, per (unit, image), the active area and the per-concept intersection counts, and the
+**Bootstrap confidence.** With ``ctx.trust.replicates = B > 0``, the scoring step, which
+finds per (unit, image) the active area and the per-concept intersection counts, also adds
+them, weighted, into replicate sums (units x concepts x B, float64: integer counts times
+Poisson weights stay exact, so the sums do not depend on summation order or device); the
 mask cache keeps every image's label areas. Replicate b weights image i by the shared
 Poisson(1) weight ``w[b, i]`` (:func:`~.base.poisson_weights`) and scores
 ``IoU_b = sum_i w I_i / (sum_i w A_i + sum_i w L_i - sum_i w I_i)``, with A restricted to
@@ -70,7 +76,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..concepts import ConceptSet
 from ..store import write_json
@@ -81,7 +86,7 @@ CACHE_FORMAT = 2
 TIE_TOLERANCE = 1e-5
 """Relative tolerance of the active cut (see the module docstring for why this value)."""
 _TINY = torch.finfo(torch.float32).tiny
-_UPSAMPLE_VALUES = 16 << 20  # upsampled floats per scoring chunk (64 MB)
+_SCORING_PIXELS = 16 << 20  # output pixels per scoring chunk if every tile were evaluated (~64 MB)
 _BOOTSTRAP_VALUES = 1 << 22  # replicate IoUs per bootstrap chunk (B * units * concepts, 16 MB)
 
 
@@ -150,31 +155,40 @@ class CountTable:
 
 
 def weighted_image_sums(weights: torch.Tensor, table: CountTable) -> torch.Tensor:
-    """(B, n_rows): ``sum_i weights[b, i] * table[row, i]``, one sparse x dense product."""
+    """(n_rows, B): ``sum_i table[row, i] * weights[b, i]``, one sparse x dense product.
+
+    In float64 with integer counts and Poisson weights every product and sum is an exact
+    integer, so the result does not depend on the order of summation: the same on every
+    device and every run.
+    """
     n_rep, n_images = weights.shape
     if table.values.numel() == 0:
-        return torch.zeros(n_rep, table.n_rows, dtype=weights.dtype, device=weights.device)
+        return torch.zeros(table.n_rows, n_rep, dtype=weights.dtype, device=weights.device)
     index = torch.stack([table.rows.long(), table.images.long()])
     matrix = torch.sparse_coo_tensor(index, table.values.to(weights.dtype), (table.n_rows, n_images),
                                      check_invariants=False)  # rows/images are in range by construction
-    return torch.sparse.mm(matrix, weights.t()).t()
+    return torch.sparse.mm(matrix, weights.t())
+
+
+def add_weighted_image_sums(total: torch.Tensor, weights: torch.Tensor, table: CountTable) -> None:
+    """``total[row] += weighted_image_sums(...)[row]`` for the rows the table touches only."""
+    if table.values.numel() == 0:
+        return
+    rows, local = torch.unique(table.rows, return_inverse=True)
+    total.index_add_(0, rows, weighted_image_sums(weights, CountTable(local, table.images, table.values, rows.numel())))
 
 
 def bootstrap_labels(
-    weights: torch.Tensor, intersection: CountTable, act_area: CountTable, label_area: torch.Tensor,
+    intersection: torch.Tensor, act_area: torch.Tensor, label_area: torch.Tensor,
     concept_category: torch.Tensor, reported: torch.Tensor, interval: float = 0.9,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per unit: share of replicates whose top-1 is ``reported``, and the interval of its IoU.
 
-    weights (B, N) per replicate and image; intersection rows ``unit * M + concept``;
-    act_area rows ``unit * n_categories + category`` (only images annotated for that
-    category); label_area (B, M) replicate label areas (``weighted_image_sums`` of the
-    per-image label areas, the same for every unit); reported (U,) concept indices.
+    Replicate sums (from :func:`weighted_image_sums`): intersection (U, M, B), act_area
+    (U, n_categories, B) over images annotated for each category, label_area (M, B);
+    reported (U,) concept indices.
     """
-    n_rep, n_units, n_concepts = weights.shape[0], reported.numel(), label_area.shape[1]
-    inter = weighted_image_sums(weights, intersection).view(n_rep, n_units, n_concepts)
-    area = weighted_image_sums(weights, act_area).view(n_rep, n_units, -1)
-    ious = iou_from_counts(inter, area, label_area, concept_category)
+    ious = iou_from_counts(intersection.permute(2, 0, 1), act_area.permute(2, 0, 1), label_area.t(), concept_category)
     return bootstrap_summary(ious, reported, interval)
 
 
@@ -409,12 +423,12 @@ class NetDissect(Detector):
         return _IoUAccumulator(self, layer, n_units)
 
     def replicates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bootstrap weights (B, N) and replicate label areas (B, M), computed once per run."""
+        """Bootstrap weights (B, N) and replicate label areas (M, B), float64, once per run."""
         trust = self.ctx.trust
         key = (trust.replicates, trust.seed, str(device))
         if self._replicates is None or self._replicates[0] != key:
             masks = self.masks
-            weights = poisson_weights(len(self.probe), trust.replicates, trust.seed, device)
+            weights = poisson_weights(len(self.probe), trust.replicates, trust.seed, device).double()
             counts = np.diff(masks.area_offsets)
             table = CountTable(
                 rows=torch.from_numpy(masks.area_concept).to(device),
@@ -428,8 +442,9 @@ class NetDissect(Detector):
 
 
 _UNKNOWN = -1e30
-"""Stands in for activations that were not kept; any interpolation that gives it weight
-lands far below every cut (see the module docstring)."""
+"""Stands in for activations that were not kept. Scoring never reads one (only blocks next
+to a hot source, which lie in kept neighbourhoods); if it ever did, the pixel would land far
+below every cut rather than turn active."""
 
 
 def segment_ids(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -823,8 +838,10 @@ class _IoUAccumulator(LayerAccumulator):
         inter = torch.zeros(self.n_units, n_concepts, dtype=torch.float64, device=dev)
         act_area = torch.zeros(self.n_units, n_cat, dtype=torch.float64, device=dev)
         total_area = torch.zeros(self.n_units, dtype=torch.float64, device=dev)
-        triples: list[tuple] = []  # per chunk: (unit, image, concept, count) for the bootstrap
-        areas: list[tuple] = []  # per chunk: (unit, image, area)
+        if replicates:  # replicate sums, exact in float64: (U * M, B) and (U * n_cat, B)
+            weights, label_rep = det.replicates(dev)
+            rep_inter = torch.zeros(self.n_units * n_concepts, replicates, dtype=torch.float64, device=dev)
+            rep_area = torch.zeros(self.n_units * n_cat, replicates, dtype=torch.float64, device=dev)
         if self.parts:
             cand = self.parts[0]
             offsets = cand.offsets()
@@ -833,8 +850,8 @@ class _IoUAccumulator(LayerAccumulator):
             label_offsets = torch.from_numpy(masks.label_offsets).to(dev)
             label_values = torch.from_numpy(masks.label_values).to(dev)
             grid = BilinearGrid.of(self.map_shape, (mh, mw), dev)
-            # Chunks bound the upsampled maps (~64 MB) and the per-map concept counts.
-            chunk = max(1, min(_UPSAMPLE_VALUES // (mh * mw), _UPSAMPLE_VALUES // (4 * (n_concepts + 1))))
+            # Chunks bound the evaluated tiles (~64 MB at worst) and the per-map concept counts.
+            chunk = max(1, min(_SCORING_PIXELS // (mh * mw), _SCORING_PIXELS // (4 * (n_concepts + 1))))
             for start in range(0, cand.units.numel(), chunk):
                 stop = min(start + chunk, cand.units.numel())
                 u_s, img_s = cand.units[start:stop].long(), cand.images[start:stop].long()
@@ -863,54 +880,27 @@ class _IoUAccumulator(LayerAccumulator):
                 act_area.index_add_(0, u_s, area[:, None] * present[img_s])
                 if replicates:
                     m_i, c_i = torch.nonzero(counts, as_tuple=True)
-                    triples.append((u_s[m_i], img_s[m_i], c_i, counts[m_i, c_i]))
-                    live = area > 0
-                    areas.append((u_s[live], img_s[live], area[live]))
+                    add_weighted_image_sums(rep_inter, weights, CountTable(
+                        u_s[m_i] * n_concepts + c_i, img_s[m_i], counts[m_i, c_i], rep_inter.shape[0]))
+                    by_cat = area[:, None] * present[img_s]  # areas where the category is annotated
+                    m_i, k_i = torch.nonzero(by_cat, as_tuple=True)
+                    add_weighted_image_sums(rep_area, weights, CountTable(
+                        u_s[m_i] * n_cat + k_i, img_s[m_i], by_cat[m_i, k_i], rep_area.shape[0]))
         label_area = torch.from_numpy(masks.label_area).to(dev)
         iou = iou_from_counts(inter, act_area, label_area, det._concept_category.to(dev)).float()
         dead = total_area == 0
         if not replicates:
             return LayerScores(scores=iou, dead=dead)
         reported = rank_concepts(iou, 1)[1][:, 0]
-        confidence, low, high = self._bootstrap(triples, areas, reported, present_numpy=masks.categories_present)
+        rep_inter = rep_inter.view(self.n_units, n_concepts, replicates)
+        rep_area = rep_area.view(self.n_units, n_cat, replicates)
+        category = det._concept_category.to(dev)
+        confidence, low, high = (torch.zeros(self.n_units, device=dev) for _ in range(3))
+        per_chunk = max(1, _BOOTSTRAP_VALUES // (replicates * n_concepts))  # bounds B x units x M
+        for u0 in range(0, self.n_units, per_chunk):
+            u1 = min(u0 + per_chunk, self.n_units)
+            confidence[u0:u1], low[u0:u1], high[u0:u1] = bootstrap_labels(
+                rep_inter[u0:u1], rep_area[u0:u1], label_rep, category, reported[u0:u1])
         zero = torch.zeros_like(confidence)
         return LayerScores(scores=iou, dead=dead, confidence=torch.where(dead, zero, confidence),
                            score_low=torch.where(dead, zero, low), score_high=torch.where(dead, zero, high))
-
-    def _bootstrap(self, triples, areas, reported, present_numpy) -> tuple[torch.Tensor, ...]:
-        """Bootstrap summary per unit from the per-(unit, image) counts, in chunks of units."""
-        det = self.det
-        dev = reported.device
-        weights, label_rep = det.replicates(dev)
-        n_rep, n_concepts = label_rep.shape
-        present = torch.from_numpy(present_numpy).to(dev).to(torch.float32)
-        n_cat = present.shape[1]
-        category = det._concept_category.to(dev)
-
-        def gather(parts, width):
-            if not parts:
-                return [torch.zeros(0, device=dev)] * width
-            cols = [torch.cat([p[j] for p in parts]) for j in range(width)]
-            order = torch.argsort(cols[0], stable=True)
-            return [col[order] for col in cols]
-
-        t_unit, t_image, t_concept, t_count = gather(triples, 4)
-        a_unit, a_image, a_area = gather(areas, 3)
-        out = [torch.zeros(self.n_units, device=dev) for _ in range(3)]
-        per_chunk = max(1, _BOOTSTRAP_VALUES // (n_rep * n_concepts))
-        for u0 in range(0, self.n_units, per_chunk):
-            u1 = min(u0 + per_chunk, self.n_units)
-            edges = torch.tensor([u0, u1], device=dev)
-            t_lo, t_hi = torch.searchsorted(t_unit.long(), edges).tolist() if t_unit.numel() else (0, 0)
-            a_lo, a_hi = torch.searchsorted(a_unit.long(), edges).tolist() if a_unit.numel() else (0, 0)
-            inter = CountTable((t_unit[t_lo:t_hi].long() - u0) * n_concepts + t_concept[t_lo:t_hi].long(),
-                               t_image[t_lo:t_hi], t_count[t_lo:t_hi], (u1 - u0) * n_concepts)
-            img = a_image[a_lo:a_hi].long()
-            by_cat = a_area[a_lo:a_hi, None].float() * present[img]  # (P, n_cat): areas where annotated
-            rows = (a_unit[a_lo:a_hi].long()[:, None] - u0) * n_cat + torch.arange(n_cat, device=dev)
-            live = by_cat > 0
-            area = CountTable(rows[live], img[:, None].expand(-1, n_cat)[live], by_cat[live], (u1 - u0) * n_cat)
-            result = bootstrap_labels(weights, inter, area, label_rep, category, reported[u0:u1])
-            for total, part in zip(out, result):
-                total[u0:u1] = part
-        return tuple(out)
