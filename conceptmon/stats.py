@@ -129,7 +129,7 @@ def category_counts(dissect: pd.DataFrame, categories: Iterable[str] | None = No
     occur in the table but not in ``categories`` are added after them.
     """
     first = top1(dissect)
-    seen = sorted(pd.unique(first["category"]))
+    seen = sorted(c for c in pd.unique(first["category"]) if isinstance(c, str))  # dead units have none
     order = list(dict.fromkeys([*(categories or []), *seen]))
     layer_totals = first.groupby(["epoch", "layer"], sort=True)["interpretable"].agg(
         n_neurons="size", n_layer_interpretable="sum"
