@@ -135,3 +135,11 @@ def test_full_disk_in_dissect_is_one_line_exit_1(tmp_path, monkeypatch):
     assert len(lines) == 1 and "No space left on device" in lines[0] and str(tmp_path / "cache") in lines[0], result.output
     assert "Traceback" not in result.output
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+
+
+def test_mask_label_outside_the_concept_set_names_the_image(tmp_path):
+    probe = random_probe(n=4, n_concepts=5)
+    probe.pixel_maps[2, 1, 3, 3] = 9
+    with pytest.raises(DetectorError, match=r"^img002\.png: mask label 9 is outside 0\.\.5 \(0 = unlabelled"):
+        build_mask_cache(probe, tmp_path / "masks")
+    assert list(tmp_path.iterdir()) == []
