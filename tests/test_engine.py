@@ -29,7 +29,9 @@ def test_tables_follow_the_schema(array_probe_config, tiny_ckpts, tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_schema(store.dissect_path(out, 1)).remove_metadata().equals(store.DISSECT)
-    assert len(table) == 2 * 6 * 3  # layers x units x top_k
+    dead = table[table["rank"] == 0].dead
+    assert len(dead) == 2 * 6 and not dead.all()  # layers x units
+    assert len(table) == 3 * (~dead).sum() + dead.sum()  # top_k rows per live unit, one per dead unit
     assert set(table["rank"]) == {0, 1, 2}
     per_neuron = table.groupby(["layer", "neuron"])
     assert (per_neuron.interpretable.nunique() == 1).all()
@@ -164,12 +166,13 @@ def test_force_with_some_epochs_and_a_changed_config_is_refused(array_probe_conf
 def test_a_changed_or_truncated_table_is_redone(array_probe_config, tiny_ckpts, tmp_path):
     out = tmp_path / "out"
     run(array_probe_config, tiny_ckpts, out)
+    rows = len(store.read_dissect(out))
     path = store.dissect_path(out, 1)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(store.StaleError, match=r"epoch_0001.parquet: does not match its record"):
         store.read_dissect(out)
     assert run(array_probe_config, tiny_ckpts, out) == [1]
-    assert len(store.read_dissect(out)) == 3 * 2 * 6 * 3
+    assert len(store.read_dissect(out)) == rows
 
 
 def test_everything_that_changes_results_is_in_the_fingerprint(array_probe_config, tmp_path):

@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -7,10 +5,12 @@ import torch.nn.functional as F
 
 from conceptmon.config import config_from_dict
 from conceptmon.detectors import RunContext, create_detector
-from conceptmon.detectors.netdissect import iou_from_counts, quantile_keep_count, threshold_from_top
+from conceptmon.detectors.netdissect import (BilinearGrid, active_pixels, iou_from_counts, margin_below,
+                                             quantile_keep_count, threshold_from_top)
 from conceptmon.engine import collect_layers, make_loader
 
 from .fakes import TinyConv, random_probe
+from .reference_netdissect import reference_netdissect, upsample
 
 
 @pytest.mark.parametrize("n,q", [(10, 0.005), (1000, 0.005), (997, 0.1), (50, 0.5), (7, 0.3)])
@@ -23,6 +23,35 @@ def test_threshold_matches_numpy_quantile(n, q):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
 
 
+SHAPES = [(28, 28, 56, 56), (7, 7, 56, 56), (13, 13, 56, 56), (5, 7, 16, 12), (1, 1, 8, 8), (16, 16, 8, 8),
+          (6, 6, 16, 16), (3, 9, 10, 40), (2, 2, 3, 3)]
+
+
+@pytest.mark.parametrize("h,w,mh,mw", SHAPES)
+def test_reference_upsampling_is_bilinear(h, w, mh, mw):
+    """The reference's upsampling is F.interpolate's, up to the rounding of the last bit."""
+    maps = torch.randn(40, h, w, generator=torch.Generator().manual_seed(h * w))
+    want = F.interpolate(maps[:, None], size=(mh, mw), mode="bilinear", align_corners=False)[:, 0]
+    got = upsample(maps.numpy(), (mh, mw))
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=4e-6 * float(maps.abs().max()))
+
+
+@pytest.mark.parametrize("h,w,mh,mw", SHAPES)
+def test_active_pixels_equal_full_upsampling(h, w, mh, mw):
+    """Only tiles next to a source >= margin_below(cut) are evaluated; the result is what
+    upsampling every pixel and comparing gives, also for tied values at the cut."""
+    g = torch.Generator().manual_seed(mh * mw)
+    maps = torch.randn(60, h, w, generator=g)
+    maps[:20] = torch.randint(0, 3, (20, h, w), generator=g).float() * 0.7  # flat regions, ties
+    cut = margin_below(torch.quantile(maps.view(60, -1), 0.8, dim=1))
+    cut[:20] = margin_below(torch.tensor(1.4))
+    want = np.nonzero(upsample(maps.numpy(), (mh, mw)) >= cut.numpy()[:, None, None])
+    got = active_pixels(maps, cut, BilinearGrid.of((h, w), (mh, mw), "cpu"))
+    key = lambda m, y, x: np.sort((np.asarray(m) * mh + np.asarray(y)) * mw + np.asarray(x))
+    np.testing.assert_array_equal(key(*got), key(*want))
+    assert len(want[0]) > 0
+
+
 def test_iou_formula_and_empty_union():
     inter = torch.tensor([[2.0, 0.0]])
     act_area = torch.tensor([[4.0, 0.0]])
@@ -33,45 +62,17 @@ def test_iou_formula_and_empty_union():
     assert iou[0, 1].item() == 0.0
 
 
-def reference_iou(acts: np.ndarray, probe, quantile: float) -> np.ndarray:
-    """Brute force: all maps in memory, numpy quantile, full upsampling, loops over everything."""
-    n, u, h, w = acts.shape
-    mh, mw = probe.mask_size
-    m = len(probe.concepts)
-    cats = list(probe.category_names)
-    out = np.zeros((u, m))
-    for unit in range(u):
-        t = np.quantile(acts[:, unit].reshape(-1), 1 - quantile)
-        up = F.interpolate(torch.from_numpy(acts[:, unit : unit + 1]), size=(mh, mw), mode="bilinear",
-                           align_corners=False)[:, 0].numpy()
-        active = up > t
-        for c in range(m):
-            ci = cats.index(probe.concepts.categories[c])
-            inter = union_act = lab = 0.0
-            for i in range(n):
-                ann = probe.load_annotation(i)
-                label = np.zeros((mh, mw), bool)
-                for mp in ann.pixel_maps:
-                    label |= mp == c + 1
-                lab_count = sum(float((mp == c + 1).sum()) for mp in ann.pixel_maps)
-                inter_count = sum(float((active[i] & (mp == c + 1)).sum()) for mp in ann.pixel_maps)
-                if c in ann.image_labels:
-                    lab_count += mh * mw
-                    inter_count += float(active[i].sum())
-                inter += inter_count
-                lab += lab_count
-                if ann.categories_present[ci]:
-                    union_act += float(active[i].sum())
-            union = union_act + lab - inter
-            out[unit, c] = inter / union if union > 0 else 0.0
-    return out
-
-
 @pytest.mark.parametrize(
-    "batch_size,quantile,n,seed", [(4, 0.05, 12, 0), (5, 0.2, 12, 0), (12, 0.03, 12, 0), (3, 0.05, 30, 1), (7, 0.1, 30, 2)]
+    "batch_size,quantile,n,seed,min_merge",
+    [(4, 0.05, 12, 0, 64), (5, 0.2, 12, 0, 64), (12, 0.03, 12, 0, 64), (3, 0.05, 30, 1, 64), (7, 0.1, 30, 2, 64),
+     (3, 0.05, 30, 1, 1), (7, 0.1, 30, 2, 1)],
 )
-def test_single_pass_iou_equals_brute_force(tmp_path, batch_size, quantile, n, seed):
-    """Exercises the running bound, pruning and the sparse neighbourhood store."""
+def test_single_pass_iou_equals_brute_force(tmp_path, monkeypatch, batch_size, quantile, n, seed, min_merge):
+    """Exercises the running bound, the pending merges (min_merge 1: a merge nearly every
+    batch), pruning and the sparse neighbourhood store."""
+    from conceptmon.detectors import netdissect
+
+    monkeypatch.setattr(netdissect._IoUAccumulator, "min_merge", min_merge)
     probe = random_probe(n=n, seed=seed)
     model = TinyConv(seed=seed)
     cfg = config_from_dict({"layers": ["conv1", "conv2"], "batch_size": batch_size,
@@ -88,8 +89,9 @@ def test_single_pass_iou_equals_brute_force(tmp_path, batch_size, quantile, n, s
         a1 = model.conv1(x)  # hooks see module outputs, before the ReLU in forward()
         a2 = model.conv2(torch.relu(a1))
     for name, acts in (("conv1", a1), ("conv2", a2)):
-        want = reference_iou(acts.numpy(), probe, quantile)
+        want, dead, _ = reference_netdissect(acts.numpy(), probe, quantile)
         np.testing.assert_allclose(results[name].scores.numpy(), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(results[name].labels.dead.numpy(), dead)
         assert want.max() > 0  # the comparison is not vacuous
 
 
@@ -106,6 +108,6 @@ def test_linear_units_cover_the_whole_image(tmp_path):
     x = torch.stack([torch.from_numpy(probe.images[i]).permute(2, 0, 1).float() / 255 for i in range(len(probe))])
     with torch.no_grad():
         head = model(x)
-    want = reference_iou(head[:, :, None, None].numpy(), probe, 0.2)
+    want, _, _ = reference_netdissect(head[:, :, None, None].numpy(), probe, 0.2)
     np.testing.assert_allclose(results["head"].scores.numpy(), want, rtol=1e-5, atol=1e-6)
     assert want.max() > 0
