@@ -230,7 +230,7 @@ def collect_passes(
                         layouts[name] = resolve_layout(LayerSpec(name), trace.modules[name], tuple(raw.shape),
                                                        tuple(x.shape[2:]))
                     act = canonical(raw, layouts[name], class_token).float()
-                    if not torch.isfinite(act).all():
+                    if not bool(torch.isfinite(torch.stack(torch.aminmax(act))).all()):  # NaN propagates
                         raise ActivationError(
                             f"layer {name}: NaN or infinite activations (images {int(index[0])}..{int(index[-1])}); "
                             f"is the checkpoint diverged?"

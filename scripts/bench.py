@@ -29,7 +29,7 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
     import torchvision
 
     from conceptmon.config import config_from_dict
-    from conceptmon.detectors import RunContext, create_detector
+    from conceptmon.detectors import RunContext, TrustSettings, create_detector
     from conceptmon.engine import collect_layers, make_loader
     from conceptmon.hooks import LayerTrace
     from conceptmon.models import resolve_device
@@ -53,6 +53,9 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     detector.prepare()  # decodes masks once per probe set; every later checkpoint reuses the cache
     mask_cache_s = time.perf_counter() - t0
+    trusted = create_detector(cfg, probe, RunContext(device=device, cache_dir=workdir / "cache",
+                                                     trust=TrustSettings(50, 0)))  # the default trust: B = 50
+    trusted.prepare()
     loader = make_loader(probe, cfg, device)
 
     def bare_forward():
@@ -61,7 +64,7 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
                 trace.run(normalize(x.to(device), cfg.probe.mean, cfg.probe.std))
 
     bare_forward()  # warm-up (allocator, kernels, file cache)
-    timings = {"bare": [], "dissect": []}  # interleaved, best of 3: other load hits both alike
+    timings = {"bare": [], "dissect": [], "dissect_trust": []}  # interleaved, best of 3: load hits all alike
     kept_bytes = {}
     for _ in range(3):
         t0 = time.perf_counter()
@@ -70,7 +73,10 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
         t0 = time.perf_counter()
         collect_layers(model, layers, loader, detector, device, mean=cfg.probe.mean, std=cfg.probe.std)
         timings["dissect"].append(time.perf_counter() - t0)
-    bare, dissect = min(timings["bare"]), min(timings["dissect"])
+        t0 = time.perf_counter()
+        collect_layers(model, layers, loader, trusted, device, mean=cfg.probe.mean, std=cfg.probe.std)
+        timings["dissect_trust"].append(time.perf_counter() - t0)
+    bare, dissect, trust = min(timings["bare"]), min(timings["dissect"]), min(timings["dissect_trust"])
 
     # Memory: the detector's kept state for growing probe sizes (should track the top values).
     for n in (n_images // 4, n_images // 2, n_images):
@@ -94,6 +100,10 @@ def bench_dissect(n_images: int, size: int, workdir: Path) -> dict:
         "dissect_s": round(dissect, 3),
         "ratio": round(dissect / bare, 3),
         "target_ratio": 1.5,
+        "dissect_with_confidence_s": round(trust, 3),
+        "ratio_with_confidence": round(trust / bare, 3),
+        "confidence_cost": round(trust / dissect - 1, 3),
+        "target_confidence_cost": 0.15,
         "mask_cache_once_s": round(mask_cache_s, 3),
         "detector_state_bytes_by_images": kept_bytes,
         "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -96,7 +96,7 @@ def linear_cost(sizes=(2000, 8000), image_size: int = 112, batch_size: int = 64,
     for n in sizes:
         probe, probe_cfg = _synthetic_probe(workdir, sizes[-1], image_size, limit=n)
         cfg = config_from_dict({"layers": layers, "batch_size": batch_size, "detector": {"quantile": quantile},
-                                "probe": {**probe_cfg.__dict__}, "trust": {"replicates": 0}})
+                                "probe": probe_cfg.to_dict(), "trust": {"replicates": 0}})
         det = create_detector(cfg, probe, RunContext(device=dev, cache_dir=workdir / "cache"))
         det.prepare()
         loader = make_loader(probe, cfg, dev)
@@ -255,7 +255,7 @@ def bootstrap_cost(n_images: int = 1000, image_size: int = 112, replicates: int 
     dev = _device(device)
     layers = ["layer2", "layer3", "layer4"]
     probe, probe_cfg = _synthetic_probe(workdir, n_images, image_size)
-    cfg = config_from_dict({"layers": layers, "batch_size": batch_size, "probe": {**probe_cfg.__dict__}})
+    cfg = config_from_dict({"layers": layers, "batch_size": batch_size, "probe": probe_cfg.to_dict()})
     ctx = RunContext(device=dev, cache_dir=workdir / "cache")
     det = create_detector(cfg, probe, ctx)
     det.prepare()

@@ -496,6 +496,15 @@ class _Candidates:
         """(S + 1,) long: map s's entries are entry_*[offsets[s]:offsets[s + 1]]."""
         return torch.cat([self.counts.new_zeros(1, dtype=torch.long), torch.cumsum(self.counts.long(), 0)])
 
+    def select_maps(self, cut: torch.Tensor) -> "_Candidates":
+        """The maps whose maximum is >= cut[unit], with their entries."""
+        keep = self.maxima >= cut[self.units.long()]
+        if bool(keep.all()):
+            return self
+        entries = keep[self.entry_maps()]
+        return _Candidates(self.units[keep], self.images[keep], self.maxima[keep], self.counts[keep],
+                           self.entry_pos[entries], self.entry_val[entries])
+
     def split(self, n_maps: int) -> tuple["_Candidates", "_Candidates"]:
         """The first n_maps maps (with their entries) and the rest."""
         cut = int(self.counts[:n_maps].long().sum())
@@ -839,9 +848,10 @@ class _IoUAccumulator(LayerAccumulator):
         replicates = det.ctx.trust.replicates
         dev = self.top.device
         cut = active_cut(self.thresholds(), self.floor)
-        # No final prune: active_pixels reads only blocks next to a source >= margin_below(cut),
-        # whose neighbourhoods the store kept (every keep cut so far was below that).
-        self.parts = [_Candidates.concat(self.parts)] if self.parts else []
+        # No final entry-level prune: active_pixels reads only blocks next to a source >=
+        # margin_below(cut), whose neighbourhoods the store kept (every keep cut so far was
+        # below that). Maps whose maximum is below that cannot give an active pixel: drop them.
+        self.parts = [_Candidates.concat(self.parts).select_maps(margin_below(cut))] if self.parts else []
         inter = torch.zeros(self.n_units, n_concepts, dtype=torch.float64, device=dev)
         act_area = torch.zeros(self.n_units, n_cat, dtype=torch.float64, device=dev)
         total_area = torch.zeros(self.n_units, dtype=torch.float64, device=dev)
