@@ -305,7 +305,60 @@ def bootstrap_cost(n_images: int = 1000, image_size: int = 112, replicates: int 
     }
 
 
-BENCHES = {"linear": linear_cost, "memory": broden_memory, "bootstrap": bootstrap_cost}
+
+
+def checkpoints_per_pass(n_checkpoints: int = 8, n_images: int = 2000, image_size: int = 112,
+                         batch_size: int = 64, workdir: Path | None = None, device: str = "auto") -> dict:
+    """A whole ``dissect`` run over ``n_checkpoints`` WideNet checkpoints (one pass over the
+    probe feeds them all) against one bare pass that decodes every image once and runs all
+    the models (target <= 2x). The mask cache is built beforehand, as after a first run."""
+    from conceptmon.config import config_from_dict
+    from conceptmon.engine import dissect_run, make_loader, normalize
+    from conceptmon.hooks import LayerTrace
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="bench-netdissect-"))
+    dev = _device(device)
+    probe, probe_cfg = _synthetic_probe(workdir, n_images, image_size)
+    ckpts = workdir / f"widenet_ckpts_{n_checkpoints}"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    models = []
+    for e in range(n_checkpoints):
+        model = WideNet(seed=e).eval().to(dev)
+        torch.save({"epoch": e, "state_dict": model.state_dict()}, ckpts / f"epoch_{e:04d}.pt")
+        models.append(model)
+    cfg = config_from_dict({"model": {"arch": "bench_netdissect:WideNet"}, "layers": ["a", "b"],
+                            "batch_size": batch_size, "probe": probe_cfg.to_dict(), "trust": {"replicates": 0},
+                            "cache_dir": str(workdir / "cache"), "device": str(dev)})
+    out = workdir / "per_pass_out"
+    dissect_run(cfg, ckpts=ckpts, out=out, epochs=[0], force=True, log=lambda m: None)  # mask cache, warm-up
+    loader = make_loader(probe, cfg, dev)
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        traces = [LayerTrace(m, ["a", "b"]).__enter__() for m in models]
+        with torch.no_grad():
+            for x, _ in loader:
+                x = normalize(x.to(dev), cfg.probe.mean, cfg.probe.std)
+                for trace in traces:
+                    trace.run(x)
+                _sync(dev)
+        for trace in traces:
+            trace.close()
+        return time.perf_counter() - t0
+
+    bare()  # warm-up
+    bare_s = bare()
+    t0 = time.perf_counter()
+    dissect_run(cfg, ckpts=ckpts, out=out, force=True, log=lambda m: None)
+    _sync(dev)
+    run_s = time.perf_counter() - t0
+    return {"device": str(dev), "checkpoints": n_checkpoints, "images": n_images, "image_size": image_size,
+            "bare_pass_all_models_s": round(bare_s, 3), "dissect_run_s": round(run_s, 3),
+            "ratio": round(run_s / bare_s, 3), "target_ratio": 2.0}
+
+
+BENCHES = {"linear": linear_cost, "memory": broden_memory, "bootstrap": bootstrap_cost,
+           "per_pass": checkpoints_per_pass}
 
 
 def main() -> None:
@@ -322,6 +375,7 @@ def main() -> None:
         "memory": lambda: {str(n): broden_memory(n, device=args.device, report_every=max(n // 4, 64))
                            for n in ((500, 2000) if small else (2000, 8000, 16000, BRODEN_IMAGES))},
         "bootstrap": lambda: bootstrap_cost(200 if small else 1000, workdir=args.workdir, device=args.device),
+        "per_pass": lambda: checkpoints_per_pass(8, 200 if small else 2000, workdir=args.workdir, device=args.device),
     }
     results = {"torch_threads": torch.get_num_threads()}
     for name in args.only.split(","):
