@@ -22,7 +22,9 @@ def main() -> int:
     parser.add_argument("--epoch", type=int, default=None, help="default: the last dissected epoch")
     parser.add_argument("--seed", type=int, default=1, help="seed of the independent probe set")
     parser.add_argument("--level", type=float, default=0.9)
+    parser.add_argument("--work", type=Path, default=None, help="where the new probe and tables go (default OUT_trust)")
     args = parser.parse_args()
+    work = args.work or args.out.with_name(args.out.name + "_trust")
 
     from conceptmon import store
     from conceptmon.checkpoints import find_checkpoints
@@ -36,11 +38,11 @@ def main() -> int:
     probe = dict(config["probe"])
     n = manifest["probe"]["n_images"]
     size = probe.get("image_size") or 64
-    other = args.out / f"trust_probe_seed{args.seed}"
+    other = work / f"probe_seed{args.seed}"
     if not (other / "index.csv").exists():
         generate_synthetic(other, n=n, size=size, seed=args.seed)
     cfg = config_from_dict({**config, "probe": {**probe, "root": str(other), "seed": args.seed},
-                            "out": str(args.out / f"trust_out_seed{args.seed}")})
+                            "out": str(work / f"out_seed{args.seed}")})
     ckpt = next(c for c in find_checkpoints(Path(config["checkpoints"])) if c.epoch == epoch)
     dissector = Dissector(cfg, cfg.out, checkpoints=ckpt.path.parent, force=True, log=lambda m: None)
     dissector.dissect_files([ckpt])
