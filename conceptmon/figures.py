@@ -122,11 +122,15 @@ def choose_trajectories(
 ) -> list[tuple[str, int, str]]:
     """Neurons to draw with their trajectory: (layer, neuron, why).
 
-    Automatic picks are *eligible* neurons only: interpretable at every one of ``epochs``
-    and, when the run has label confidences, confident at the last one (never a noise
-    neuron). Among them: the ``n_moving`` with the longest path on the map counting only
-    steps between two confident labels (confident changes), then the ``n_approaching``
-    whose distance to some anchor shrinks the most from the first to the last epoch.
+    Automatic picks are *eligible* neurons only: on the map at every one of ``epochs`` and,
+    at the last one, interpretable and (when the run has label confidences) confident --
+    never a noise neuron, but a neuron may become interpretable during training, which is
+    what the map is for. Among them: the ``n_moving`` with the longest path on the map,
+    counting only steps that end at a confident label and start at a confident label or
+    at no interpretable label yet (a move to or from an uncertain label may be noise; a
+    move from "nothing yet" to a confident concept is the neuron learning), then the
+    ``n_approaching`` whose distance to some anchor shrinks the most from the first to
+    the last epoch.
     ``given`` neurons (the user's ``--neurons``) are always added first.
     """
     picks = [(str(l), int(n), "chosen") for l, n in (given or [])]
@@ -139,16 +143,18 @@ def choose_trajectories(
     shown["confident"] = (shown["state"] == stats.CONFIDENT) if known else True
     shown = shown.sort_values(["layer", "neuron", "epoch"], kind="stable")
     per_neuron = shown.groupby(["layer", "neuron"], sort=True).agg(
-        n=("epoch", "nunique"), interpretable=("interpretable", "all"), confident_last=("confident", "last"))
-    eligible = per_neuron[(per_neuron["n"] == len(epochs)) & per_neuron["interpretable"]
+        n=("epoch", "nunique"), interpretable_last=("interpretable", "last"), confident_last=("confident", "last"))
+    eligible = per_neuron[(per_neuron["n"] == len(epochs)) & per_neuron["interpretable_last"].astype(bool)
                           & per_neuron["confident_last"].astype(bool)].index
     if not len(eligible) or len(epochs) < 2:
         return picks
     path = shown.set_index(["layer", "neuron"]).loc[eligible].reset_index()
     grouped = path.groupby(["layer", "neuron"], sort=False)
     step = np.hypot(grouped["x"].diff(), grouped["y"].diff()).fillna(0.0)
-    # a step counts only between two confident labels: an uncertain label's move may be noise
-    confident_step = path["confident"].astype(bool) & grouped["confident"].shift(1).fillna(False).astype(bool)
+    # a step counts when it ends at a confident label and starts at one, or at no interpretable label yet
+    before_ok = (grouped["confident"].shift(1).fillna(False).astype(bool)
+                 | ~grouped["interpretable"].shift(1).fillna(True).astype(bool))
+    confident_step = path["confident"].astype(bool) & before_ok
     moved = path.assign(step=step.where(confident_step, 0.0)).groupby(["layer", "neuron"], sort=True)["step"].sum()
     extent = float(np.hypot(np.ptp(shown["x"].to_numpy(float)), np.ptp(shown["y"].to_numpy(float))))
     moved = moved[moved > MIN_MOVE * extent].sort_values(ascending=False, kind="stable")  # not a jitter
@@ -173,6 +179,32 @@ def choose_trajectories(
                     taken.add((layer, neuron))
                     added += 1
     return picks
+
+
+def map_extent(*frames: pd.DataFrame) -> float:
+    """The larger side of the box holding every point of ``frames`` (x, y columns)."""
+    xs = np.concatenate([f["x"].to_numpy(float) for f in frames if len(f)] or [np.zeros(1)])
+    ys = np.concatenate([f["y"].to_numpy(float) for f in frames if len(f)] or [np.zeros(1)])
+    return max(float(np.ptp(xs)), float(np.ptp(ys)), 1e-9)
+
+
+def label_positions(points: pd.DataFrame, extent: float | None = None, near: float = 0.08) -> list[str]:
+    """A text position per point so that labels of nearby points do not collide: above by
+    default; a point whose neighbour (within ``near`` of the map's ``extent``) already
+    took a position takes the next one (below, right, left)."""
+    xy = points[["x", "y"]].to_numpy(float)
+    if len(xy) < 2:
+        return ["top center"] * len(xy)
+    extent = extent or max(float(np.ptp(xy[:, 0])), float(np.ptp(xy[:, 1])), 1e-9)
+    order = np.lexsort((xy[:, 0], -xy[:, 1]))  # top to bottom, then left to right
+    spots = ("top center", "bottom center", "middle right", "middle left")
+    chosen: dict[int, str] = {}
+    placed: list[tuple[np.ndarray, str]] = []
+    for i in order:
+        taken = {spot for point, spot in placed if np.abs(point - xy[i]).max() < near * extent}
+        chosen[i] = next((spot for spot in spots if spot not in taken), spots[0])
+        placed.append((xy[i], chosen[i]))
+    return [chosen[i] for i in range(len(xy))]
 
 
 def neuron_hover(frame: pd.DataFrame) -> np.ndarray:
@@ -249,7 +281,8 @@ def map_figure(
         if len(anchors):
             add(go.Scatter(x=anchors["x"], y=anchors["y"], mode="markers+text", name=anchor_name,
                            legendgroup="anchors", showlegend=first_panel, legendrank=500,
-                           text=[esc(a) for a in anchors["concept"]], textposition="top center",
+                           text=[esc(a) for a in anchors["concept"]],
+                           textposition=label_positions(anchors, map_extent(neurons, anchors)),
                            textfont=dict(size=12, color=ANCHOR_COLOR), cliponaxis=False,
                            marker=dict(symbol="star", size=16, color="#ffd400", line=dict(color=ANCHOR_COLOR, width=1)),
                            hovertemplate="anchor %{text}<extra></extra>"), col)
@@ -296,8 +329,9 @@ def map_figure(
     )
     reasons = {why for *_, why in trajectories}
     known = (first["state"] != stats.UNKNOWN).any()
-    chosen_rule = ("interpretable at every epoch shown and confident at the last, moves between confident labels"
-                   if known else "interpretable at every epoch shown (label confidence unknown)")
+    chosen_rule = ("interpretable and confident at the last epoch shown; moves between confident labels, or "
+                   "from no interpretable label to a confident one"
+                   if known else "interpretable at the last epoch shown (label confidence unknown)")
     how = (f"Each panel is one epoch on the same 2-D map ({label}); solid dots are interpretable neurons (colour by "
            "layer or category with the buttons), grey ones are not; stars are anchors"
            + (" (chosen automatically: the most frequent concepts)" if automatic else "")

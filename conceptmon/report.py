@@ -547,7 +547,7 @@ def render_map(ctx: ReportContext) -> str:
         text += (f" of {len(embedded)} embedded (first, last, evenly spaced); `conceptmon plot` draws every epoch "
                  "as an animation, `conceptmon plot --figure map --epochs ...` other panels")
     text += ". Trajectories: " + (", ".join(f"{l}:{n} ({why})" for l, n, why in trajectories) or
-                                  "none (no neuron is interpretable at every epoch shown and confident at the last)") + "."
+                                  "none (no neuron is interpretable and confident at the last epoch shown, and moves)") + "."
     return body + note(text)
 
 

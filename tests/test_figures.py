@@ -82,10 +82,12 @@ def test_highlighted_trajectories_are_interpretable_confident_neurons():
         "C": (True, [.95, .95, .50], [0, 5, 10]),
         "D": (True, [.95, .20, .95], [0, 30, 0]),  # its only moves start or end at an uncertain label
         "E": (True, [.95, .95, .95], [0, 0, 0]),  # does not move, but comes closer to an anchor
+        "F": ([False, False, True], [.30, .30, .95], [0, 0, 8]),  # learns its concept: noise, then confident
     }
     rows, coords, dist = [], [], []
     for n, (name, (ok, confidence, xs)) in enumerate(spec.items()):
-        for epoch, c, x in zip(epochs, confidence, xs):
+        ok = ok if isinstance(ok, list) else [ok] * len(epochs)
+        for epoch, ok, c, x in zip(epochs, ok, confidence, xs):
             rows.append(dict(epoch=epoch, layer="L", neuron=n, rank=0, concept="red", category="color", score=.3,
                              interpretable=ok, dead=False, confidence=c))
             coords.append(dict(epoch=epoch, layer="L", neuron=n, x=float(x), y=0.0, interpretable=ok))
@@ -94,15 +96,15 @@ def test_highlighted_trajectories_are_interpretable_confident_neurons():
     first = stats.top1(pd.DataFrame(rows))
     neurons, distances = pd.DataFrame(coords), pd.DataFrame(dist)
     picks = figures.choose_trajectories(neurons, first, epochs, distances=distances)
-    assert picks == [("L", 0, "moves most"), ("L", 4, "approaches an anchor")]
+    assert picks == [("L", 5, "moves most"), ("L", 0, "moves most"), ("L", 4, "approaches an anchor")]
     assert figures.choose_trajectories(neurons, first, epochs, given=[("L", 1)])[:2] == [
-        ("L", 1, "chosen"), ("L", 0, "moves most")]
+        ("L", 1, "chosen"), ("L", 5, "moves most")]
     chart = figures.map_figure(neurons, first, None, epochs, trajectories=picks)
     fig = chart.figure.to_plotly_json()
     drawn = {t["name"] for t in fig["data"] if str(t.get("legendgroup", "")).startswith("traj:")}
-    assert drawn == {"L:0", "L:4"}
-    interpretable = first.groupby("neuron")["interpretable"].all()
-    assert all(interpretable[int(name.split(":")[1])] for name in drawn)
+    assert drawn == {"L:0", "L:4", "L:5"}
+    last = first[first["epoch"] == epochs[-1]].set_index("neuron")
+    assert all(last.loc[int(name.split(":")[1]), "interpretable"] for name in drawn)  # never a noise neuron
     check_figure(fig)
     assert "confident" in chart.how_to_read
 
