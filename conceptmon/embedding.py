@@ -213,7 +213,7 @@ def map_key(encoder_fingerprint: str, terms: list[str], vectors: np.ndarray | No
 
 
 def map_path(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / "maps" / f"{key}.parquet"
+    return store.map_cache_dir(cache_dir) / f"{key}.parquet"
 
 
 def cached_map(

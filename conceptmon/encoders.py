@@ -242,7 +242,7 @@ def _slug(text: str) -> str:
 
 
 def text_cache_path(cache_dir: Path, encoder: TextEncoder) -> Path:
-    return Path(cache_dir) / "text" / f"{_slug(encoder.id)}-{encoder.fingerprint()}.parquet"
+    return store.text_cache_dir(cache_dir) / f"{_slug(encoder.id)}-{encoder.fingerprint()}.parquet"
 
 
 def _read_text_cache(path: Path, log: Callable[[str], None]) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ from .common import config_option, fail_cleanly, find_out, log_to_stderr, out_op
 
 anchors_option = click.option(
     "--anchors", default=None, metavar="WORD,WORD",
-    help="Anchor words placed in the same space (default: the config's embedding.anchors).",
+    help="Anchor words placed in the same space, kept for later calls; auto: the most frequent top-1 concepts; "
+         "none: no anchors (default: the anchors given before, else embedding.anchors, else automatic).",
 )
 
 
@@ -31,7 +32,8 @@ anchors_option = click.option(
               help="2-D projection: umap (default) or pca (instant, linear).")
 @click.option("--device", default=None, help="Device for the text encoder (default: the config's device).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Cache for text vectors and fitted maps; share it between runs (default: OUT/cache).")
+              help="Cache for text vectors and fitted maps (default: the config's cache_dir, else the user cache, "
+                   "~/.cache/conceptmon or $CONCEPTMON_CACHE).")
 @click.option("--force", is_flag=True, help="Recompute even when the outputs are up to date.")
 @fail_cleanly
 def embed_cmd(config_path, out, anchors, encoder, temperature, map_fit, placement, map_method, device, cache_dir,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .. import clip, similarity
+from .. import clip, similarity, store
 from ..config import ConfigError, DetectorOptions
 from ..registry import did_you_mean
 from ..store import atomic_path
@@ -226,7 +226,7 @@ class ClipDissect(Detector):
 
     def cache_paths(self) -> tuple[Path, Path]:
         images, sim = self.cache_keys()
-        folder = Path(self.ctx.cache_dir) / "clip"
+        folder = store.clip_cache_dir(self.ctx.cache_dir)
         return folder / f"image_features_{images}.pt", folder / f"clip_sim_{sim}.pt"
 
     def prepare(self) -> None:
