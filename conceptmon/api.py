@@ -10,12 +10,17 @@ from .compare import compare_runs
 from .config import Config, config_from_dict, load_config
 from .embedding import embed_run
 from .engine import Dissector, dissect_run
+from .export import export_tensorboard
 from .monitor import Monitor, lightning_callback
+from .planted import run_planted_check
 from .plots import plot_run
 from .report import report_run
 from .stats import stats_run
+from .validate import validate_run
+from .watch import watch_run
 
 __all__ = [
     "Config", "Dissector", "Monitor", "compare_runs", "config_from_dict", "dissect_run", "embed_run",
-    "lightning_callback", "load_config", "plot_run", "report_run", "stats_run",
+    "export_tensorboard", "lightning_callback", "load_config", "plot_run", "report_run", "run_planted_check",
+    "stats_run", "validate_run", "watch_run",
 ]

@@ -119,7 +119,7 @@ def bench_clip(n_images: int, size: int, workdir: Path) -> dict:
     import torchvision
 
     from conceptmon.config import config_from_dict
-    from conceptmon.detectors import RunContext, create_detector
+    from conceptmon.detectors import RunContext, TrustSettings, create_detector
     from conceptmon.engine import collect_layers, make_loader
     from conceptmon.hooks import LayerTrace
     from conceptmon.models import resolve_device
@@ -144,6 +144,9 @@ def bench_clip(n_images: int, size: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     detector.prepare()
     clip_features_s = time.perf_counter() - t0
+    trusted = create_detector(cfg, probe, RunContext(device=device, cache_dir=workdir / "cache",
+                                                     trust=TrustSettings(50, 0)))
+    trusted.prepare()
     loader = make_loader(probe, cfg, device)
 
     def bare_forward():
@@ -152,7 +155,7 @@ def bench_clip(n_images: int, size: int, workdir: Path) -> dict:
                 trace.run(normalize(x.to(device), cfg.probe.mean, cfg.probe.std))
 
     bare_forward()
-    bare, dissect = [], []
+    bare, dissect, with_trust = [], [], []
     for _ in range(2):
         t0 = time.perf_counter()
         bare_forward()
@@ -160,13 +163,36 @@ def bench_clip(n_images: int, size: int, workdir: Path) -> dict:
         t0 = time.perf_counter()
         collect_layers(model, layers, loader, detector, device, mean=cfg.probe.mean, std=cfg.probe.std)
         dissect.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        collect_layers(model, layers, loader, trusted, device, mean=cfg.probe.mean, std=cfg.probe.std)
+        with_trust.append(time.perf_counter() - t0)
     wpmi_s = bench_soft_wpmi(10_000, 1_197, 512, device)
+    # The bootstrap at the paper's size: 50 replicates of soft-WPMI, 10,000 x 1,197 x 512.
+    from conceptmon.detectors import poisson_weights
+    from conceptmon.detectors.clipdissect import bootstrap_similarity, null_threshold
+    from conceptmon.similarity import SIMILARITIES
+
+    g = torch.Generator().manual_seed(0)
+    big_c = (0.2 + 0.05 * torch.randn(10_000, 1_197, generator=g)).to(device)
+    big_a = torch.relu(torch.randn(10_000, 512, generator=g)).to(device)
+    sim = SIMILARITIES["soft_wpmi"]
+    big_s = sim(big_c, big_a)
+    t0 = time.perf_counter()
+    bootstrap_similarity(sim, big_c, big_a, {}, big_s, poisson_weights(10_000, 50, 0))
+    boot_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    null_threshold(sim, big_c, big_a, {}, permutations=4, quantile=0.99, seed=0)
+    null_s = time.perf_counter() - t0
     return {
         "images": n_images,
         "bare_forward_s": round(min(bare), 3),
         "clip_dissect_s": round(min(dissect), 3),
         "ratio": round(min(dissect) / min(bare), 3),
         "target_ratio": 1.2,
+        "clip_dissect_with_confidence_s": round(min(with_trust), 3),
+        "ratio_with_confidence": round(min(with_trust) / min(bare), 3),
+        "bootstrap_50_at_10000x1197x512_s": round(boot_s, 2),
+        "null_4_permutations_at_10000x1197x512_s": round(null_s, 2),
         "clip_features_once_s": round(clip_features_s, 3),
         "soft_wpmi_10000x1197x512_s": round(wpmi_s, 3),
         "soft_wpmi_target_s": 3.0 if device.type == "cpu" else 1.0,
