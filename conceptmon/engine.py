@@ -153,16 +153,25 @@ def worker_error(error: Exception) -> Exception:
 
 
 def _batches(loader):
-    """The loader's batches; a worker's expected error comes back as its own one line."""
+    """The loader's batches; a worker's expected error comes back as its own one line.
+
+    Worker processes are shut down as soon as the pass ends, however it ends: left to the
+    garbage collector, they would be joined (with a timeout) at some later moment.
+    """
     iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except ConceptmonError as e:
-            raise worker_error(e) from None
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except ConceptmonError as e:
+                raise worker_error(e) from None
+            yield batch
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def layer_shapes(model: torch.nn.Module, layers: list[str], image_hw: tuple[int, int],
