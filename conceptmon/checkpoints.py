@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from .errors import ConceptmonError
+from .store import sha256_file as file_sha256  # one implementation of the file hash
 
 EXTENSIONS = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -402,14 +403,6 @@ def apply_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: 
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
         raise CheckpointError(f"{path}: weights do not fit model (is model.kwargs right?): {detail}") from None
     return filled
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_sha256(path: Path) -> str:

@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ConceptmonError
-from .probes.base import ProbeError, ProbeSet
+from .probes.base import ProbeSet
 from .probes.synthetic import COLORS, PALETTE
 
 TEXTURE = "striped"

@@ -305,7 +305,7 @@ def interpretable_chart(counts: pd.DataFrame, confidence_known: bool) -> Chart:
                       xaxis=epoch_axis(stats.epochs_of(counts)), yaxis=count_axis("neurons", top),
                       margin=dict(t=60, b=40))
     how = ("Solid: interpretable neurons per layer over training"
-           + (f"; dashed: those whose label is confident" if confidence_known else
+           + ("; dashed: those whose label is confident" if confidence_known else
               f"; label confidence unknown ({stats.NO_CONFIDENCE}), so no confident line")
            + ("; dotted: dead units (no activation to label)" if any_dead else "; no layer has dead units")
            + ". Hover for the share of the layer.")

@@ -705,7 +705,7 @@ def summarize_interpretable(tables, ctx: SummaryContext) -> list[str]:
         cell=lambda t: t["n_interpretable"].astype(str) + "/" + t["n_neurons"].astype(str))
     grid = cells.pivot(index="layer", columns="epoch", values="cell")
     grid.columns = [f"ep {c}" for c in grid.columns]
-    lines = [f"interpretable neurons per layer (interpretable/all)", indent(grid.to_string())]
+    lines = ["interpretable neurons per layer (interpretable/all)", indent(grid.to_string())]
     at = counts[counts["epoch"] == ctx.last]
     if ctx.confidence_known:
         text = ", ".join(f"{r.layer} {_count(r.n_confident)} confident / {_count(r.n_uncertain)} uncertain"

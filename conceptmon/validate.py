@@ -16,7 +16,7 @@ from typing import Callable
 from . import store
 from .checkpoints import checkpoint_sha256, find_checkpoints
 from .concepts import normalise_name
-from .config import Config, ConfigError, override
+from .config import Config, override
 from .detectors import rank_concepts
 from .errors import ConceptmonError
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conceptmon import figures, stats, store
 from conceptmon.cli import main
 from conceptmon.embedding import embed_run
-from conceptmon.plots import PlotError, figure_run
+from conceptmon.plots import figure_run
 
 from .figure_checks import check_figure
 from .fixtures_runs import figure_from_html, make_run

@@ -1,12 +1,10 @@
 """Every common layer layout: detection, canonical form, and dissection equal to the NCHW result."""
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conceptmon import store
 from conceptmon.config import LayerSpec, config_from_dict
-from conceptmon.engine import Dissector, dissect_run
+from conceptmon.engine import Dissector
 from conceptmon.layouts import LayoutError, ResolvedLayout, canonical, infer_token_grid, resolve_layout
 
 from .fakes import TinyConv

@@ -1,6 +1,5 @@
 """The one Registry type: built-ins, code, entry points and spec strings; one-line errors."""
 import sys
-import textwrap
 
 import pytest
 

@@ -17,6 +17,7 @@ from conceptmon import store
 from conceptmon.probes.synthetic import generate_synthetic
 
 from .fakes import TinyConv
+from .processes import kill_when_paused
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -116,13 +117,7 @@ def test_sigkill_leaves_valid_output_and_rerun_completes(workspace, tmp_path, po
     out = tmp_path / "killed"
     marker = tmp_path / "paused"
     proc = cli(config, out, env={"KILL_POINT": point, "KILL_AT": str(at), "KILL_MARKER": str(marker)}, wait=False)
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the run never reached the kill point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_when_paused(proc, marker)
     assert_valid(out)
     done_before = store.finished_epochs(out)
     assert done_before != EPOCHS  # the kill really interrupted the run
@@ -132,14 +127,6 @@ def test_sigkill_leaves_valid_output_and_rerun_completes(workspace, tmp_path, po
     assert {e: store.dissect_path(out, e).stat().st_mtime_ns for e in done_before} == stamps  # only the missing redone
     assert store.finished_epochs(out) == EPOCHS
     assert_same_results(out, reference)
-
-
-def wait_for(marker: Path, proc, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the process never reached the kill point"
-        time.sleep(0.05)
 
 
 EMBED = ("embed", "--map-method", "pca", "--encoder", "minilm")
@@ -163,9 +150,7 @@ def test_sigkill_inside_embed_keeps_one_whole_generation(workspace, tmp_path, at
     marker = tmp_path / "paused"
     proc = cli(config, out, "--anchors", "grass,sea", command=EMBED, wait=False,
                env={**cache, "KILL_POINT": "parquet", "KILL_AT": str(at), "KILL_MARKER": str(marker)})
-    wait_for(marker, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_when_paused(proc, marker)
     assert read_embed_meta(out) == before
     assert read_anchors(out)["concept"].tolist() == ["red", "sky"]
     assert len(read_neurons(out)) == before["n_neurons"]
@@ -183,9 +168,7 @@ def test_sigkill_inside_watch_then_watch_again_completes(workspace, tmp_path):
     watch = ("watch", "--interval", "0.2", "--no-refresh")
     proc = cli(config, out, command=watch, wait=False,
                env={"KILL_POINT": "record", "KILL_AT": "2", "KILL_MARKER": str(marker)})
-    wait_for(marker, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_when_paused(proc, marker)
     assert_valid(out)
     assert store.finished_epochs(out) != EPOCHS
     again = cli(config, out, command=watch, wait=False)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from conceptmon import report, stats, store
+from conceptmon import report, stats
 from conceptmon.cli import main
 from conceptmon.registry import RegistryError
 

@@ -3,10 +3,8 @@ ones, complete, never a mix."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +13,7 @@ import pytest
 from conceptmon import report, stats, store
 
 from .fixtures_runs import write_embedding, write_epoch
+from .processes import kill_when_paused
 from .test_stats import distance_rows, make_out, neuron_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,13 +27,7 @@ def killed(args: list[str], tmp_path: Path, point: str, at: int = 1, file: str =
            "KILL_MARKER": str(marker), "KILL_FILE": file}
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kill_harness.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the command never reached the kill point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_when_paused(proc, marker)
 
 
 def redo_epoch_5(out: Path) -> None:

@@ -166,15 +166,12 @@ class FileHashes:
         self.changed = False
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """:func:`store.sha256_file`, with an unreadable probe file as one line naming it."""
     try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+        return store.sha256_file(Path(path))
     except OSError as e:
         raise ProbeError(f"{path}: unreadable ({e.strerror or e})") from None
-    return h.hexdigest()
 
 
 def open_rgb(path: Path) -> Image.Image:
