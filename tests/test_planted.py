@@ -71,6 +71,7 @@ def test_planted_units_are_named_from_checkpoint_files(synthetic_root, tmp_path)
     assert dead.score.max() == 0.0
 
 
+@pytest.mark.slow  # a ResNet-18 over the probe set
 def test_random_network_is_mostly_not_interpretable(synthetic_root, tmp_path):
     import torchvision
 

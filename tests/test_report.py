@@ -145,6 +145,7 @@ def browser_selfcheck(page: Path, tmp_path: Path) -> dict:
             "messages": marker.group(2)}
 
 
+@pytest.mark.slow  # starts a browser
 @needs_chromium
 def test_report_renders_in_headless_chromium(run_with_images, tmp_path):
     other = make_out(tmp_path, "robust")
@@ -265,6 +266,7 @@ def test_report_without_a_remakeable_embedding_says_so(tmp_path):
     assert report.report_inputs(out)["embed"] is None
 
 
+@pytest.mark.slow  # starts a browser
 @needs_chromium
 def test_browser_check_catches_errors_and_undrawn_charts(tmp_path):
     # The harness must be able to fail: a page whose chart never draws and whose script throws.
