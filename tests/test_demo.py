@@ -281,7 +281,7 @@ def test_a_small_demo_learns_and_its_verdict_matches_what_it_measured(tmp_path):
     """A run big enough to learn, not a smoke run: its last line follows from its own numbers
     (whichever they are: whether the observation shows at this size is the generator's business)."""
     small = DemoSettings.tiny(n_train=1600, n_val=128, epochs=6, image_size=48, widths=(8, 16, 32, 64),
-                              probe_n=100, map_method="pca", seed=1, smoke=False)
+                              probe_n=300, map_method="pca", seed=1, smoke=False)
     echoed = []
     result = run_demo(tmp_path / "small", small, echo=echoed.append, log=lambda m: None)
     obs, verdict = result.observation, result.verdict
@@ -289,3 +289,18 @@ def test_a_small_demo_learns_and_its_verdict_matches_what_it_measured(tmp_path):
     assert verdict["learned"], verdict  # well above chance, not by luck
     assert verdict["states_observation"] == obs["shown"]
     assert echoed[-1].startswith("the paper's observation holds" if obs["shown"] else "the run learned")
+    # The report's map highlights neurons that are interpretable and confident where it ends.
+    from conceptmon import embedding, figures, report, stats
+
+    out = tmp_path / "small"
+    neurons = embedding.read_neurons(out)
+    first = stats.top1(store.read_dissect(out))
+    shown = stats.spread_epochs(stats.epochs_of(neurons), report.MAP_PANELS)
+    picks = figures.choose_trajectories(neurons, first, shown, distances=embedding.read_anchor_distances(out))
+    assert picks, "the demo's map highlights no neuron"
+    last = first[first["epoch"] == shown[-1]].set_index(["layer", "neuron"])
+    for layer, neuron, _ in picks:
+        row = last.loc[(layer, neuron)]
+        assert row["interpretable"] and row["state"] == stats.CONFIDENT, (layer, neuron, row.to_dict())
+    page = (out / "report.html").read_text()
+    assert all(f"{layer}:{neuron} (" in page for layer, neuron, _ in picks)  # and the page names them
