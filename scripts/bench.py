@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory targets, measured as ratios within one process; prints JSON.
 
-    python scripts/bench.py [--only dissect,clip,embed,stats] [--images 1000] [--size 112]
+    python scripts/bench.py [--only dissect,clip,embed,stats,shards,netdissect,broden_memory] [--images 1000]
 
 Targets (from the issues) are reported next to each measurement, never asserted in tests.
 """
@@ -11,13 +11,12 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fixtures_clip builds the tiny CLIP
 
 
 def _peak_rss_mb() -> float:
@@ -322,13 +321,33 @@ def bench_embed(n_images: int, size: int, workdir: Path) -> dict:
     }
 
 
+def bench_netdissect(n_images: int, size: int, workdir: Path) -> dict:
+    """The cheap wide CNN at 2,000 and 8,000 images (dissect vs bare pass, per-image cost
+    2k-8k vs the first 2k) and 8 checkpoints sharing one pass over 2,000 images."""
+    from bench_netdissect import checkpoints_per_pass, linear_cost  # beside this script
+
+    return {"linear": linear_cost((2000, 8000), image_size=size, workdir=workdir / "netdissect"),
+            "per_pass": checkpoints_per_pass(8, 2000, image_size=size, workdir=workdir / "netdissect")}
+
+
+def bench_broden_memory(n_images: int, size: int, workdir: Path) -> dict:
+    """Kept state for ResNet-18 layers 2-4 on a 63,305-image, 224 px probe (synthetic
+    activations of those shapes; about 7 minutes on two cores). Not in the default set."""
+    from bench_netdissect import BRODEN_IMAGES, broden_memory
+
+    return broden_memory(BRODEN_IMAGES, report_every=8000)
+
+
 BENCHES = {"dissect": bench_dissect, "clip": bench_clip, "embed": bench_embed, "stats": bench_stats,
-           "shards": bench_shards}
+           "shards": bench_shards, "netdissect": bench_netdissect}
+OPT_IN = {"broden_memory": bench_broden_memory}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
+    parser.add_argument("--only", default=",".join(BENCHES),
+                        help=f"comma-separated subset of {', '.join([*BENCHES, *OPT_IN])} (default: all but "
+                             f"{', '.join(OPT_IN)})")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--workdir", type=Path, default=Path(".bench"))
@@ -336,9 +355,12 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     results = {"torch_threads": torch.get_num_threads()}
+    known = {**BENCHES, **OPT_IN}
     for name in args.only.split(","):
+        if name not in known:
+            parser.error(f"--only: unknown benchmark {name!r}; choices: {', '.join(known)}")
         print(f"bench: {name} ...", file=sys.stderr)
-        results[name] = BENCHES[name](args.images, args.size, args.workdir)
+        results[name] = known[name](args.images, args.size, args.workdir)
     json.dump(results, sys.stdout, indent=2)
     print()
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RESNET18_BRODEN_LAYERS = {"layer2": (128, 28, 28), "layer3": (256, 14, 14), "layer4": (512, 7, 7)}
 """ResNet-18 at 224 px: units, height, width of the layers dissected on Broden."""
