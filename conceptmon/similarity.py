@@ -65,6 +65,22 @@ def top_image_weights(top_k: int, p_start: float, p_end: float, device=None) -> 
     return p_start - (r / top_k) * (p_start - p_end)
 
 
+def _concept_probabilities(clip_sim: torch.Tensor, a: float, columns: torch.Tensor | None) -> torch.Tensor:
+    """P = softmax(a·C) over all concepts, then only ``columns`` of it when given."""
+    P = torch.softmax(a * clip_sim, dim=1)
+    return P if columns is None else P[:, columns.to(P.device)]
+
+
+def _top_image_sums(per_image: torch.Tensor, activations: torch.Tensor, k: int,
+                    term: Callable[[torch.Tensor], torch.Tensor] = lambda block: block) -> torch.Tensor:
+    """L[j, m] = Σ over neuron j's top-k images r of term(per_image[r, m]), in neuron chunks."""
+    top = activations.topk(k, dim=0).indices  # (k, J)
+    L = torch.empty(activations.shape[1], per_image.shape[1], device=activations.device)
+    for chunk in _neuron_chunks(activations.shape[1], k * per_image.shape[1]):
+        L[chunk] = term(_gather_top(per_image, top[:, chunk])).sum(dim=1)  # (Jc, k, M) -> (Jc, M)
+    return L
+
+
 def pmi_from_likelihood(log_likelihood: torch.Tensor, lam: float) -> torch.Tensor:
     """S = L - lam * log p(m), with log p(m) = logsumexp_j L[j, m] - log J over these neurons."""
     n_neurons = log_likelihood.shape[0]
@@ -94,17 +110,10 @@ def soft_wpmi(
     """
     C, A = _prepare(clip_sim, activations)
     k = min(int(top_k), A.shape[0])
-    P = torch.softmax(a * C, dim=1)
-    if columns is not None:
-        P = P[:, columns.to(P.device)]
-    top = A.topk(k, dim=0).indices  # (k, J)
     p = top_image_weights(k, p_start, p_end, device=A.device).view(1, k, 1)
     offset = 1.0 - p + min_prob
-    L = torch.empty(A.shape[1], P.shape[1], device=A.device)
-    for chunk in _neuron_chunks(A.shape[1], k * P.shape[1]):
-        block = _gather_top(P, top[:, chunk])  # (Jc, k, M)
-        L[chunk] = block.mul_(p).add_(offset).log_().sum(dim=1)
-    return pmi_from_likelihood(L, lam)
+    P = _concept_probabilities(C, a, columns)
+    return pmi_from_likelihood(_top_image_sums(P, A, k, lambda block: block.mul_(p).add_(offset).log_()), lam)
 
 
 def wpmi(
@@ -121,14 +130,8 @@ def wpmi(
     neuron's top-k images, then S = L − lam·log p(m) as in :func:`soft_wpmi`."""
     C, A = _prepare(clip_sim, activations)
     k = min(int(top_k), A.shape[0])
-    log_P = torch.softmax(a * C, dim=1).add_(min_prob).log_()
-    if columns is not None:
-        log_P = log_P[:, columns.to(log_P.device)]
-    top = A.topk(k, dim=0).indices
-    L = torch.empty(A.shape[1], log_P.shape[1], device=A.device)
-    for chunk in _neuron_chunks(A.shape[1], k * log_P.shape[1]):
-        L[chunk] = _gather_top(log_P, top[:, chunk]).sum(dim=1)
-    return pmi_from_likelihood(L, lam)
+    log_P = _concept_probabilities(C, a, columns).add_(min_prob).log_()
+    return pmi_from_likelihood(_top_image_sums(log_P, A, k), lam)
 
 
 def cos_similarity_cubed(

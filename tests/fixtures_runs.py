@@ -253,3 +253,22 @@ def rewrite_epoch_table(out: Path, epoch: int, dissect: pd.DataFrame) -> None:
     record = store.read_json(store.epoch_record_path(out, epoch))
     record["tables"]["dissect"] = store.write_table(store.dissect_path(out, epoch), dissect, store.DISSECT)
     store.write_json(store.epoch_record_path(out, epoch), record)
+
+
+FAST_EMBEDDING = {"encoder": "hashvec", "map_method": "pca"}
+"""Embedding settings for tests: the offline hash encoder and an instant linear map."""
+
+
+def quiet(_message) -> None:
+    """A log that says nothing."""
+
+
+def save_checkpoints(folder: Path, models: dict) -> Path:
+    """``{epoch: model}`` saved as ``folder/epoch_NNNN.pt`` the way training scripts save them."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for epoch, model in models.items():
+        torch.save({"epoch": epoch, "state_dict": model.state_dict()}, folder / f"epoch_{epoch:04d}.pt")
+    return folder

@@ -11,7 +11,7 @@ from conceptmon.export import (
     EXPORT_MARKER, ExportError, dead_counts, export_tensorboard, observation_scalars, scalar_table,
 )
 from conceptmon.stats import stats_run
-from tests.fixtures_runs import make_run, rewrite_epoch_table
+from tests.fixtures_runs import FAST_EMBEDDING, make_run, rewrite_epoch_table, quiet
 
 pytest.importorskip("tensorboard")
 from google.protobuf import text_format  # noqa: E402
@@ -19,12 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.projector import projector_plugin  # noqa: E402
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig  # noqa: E402
 
-FAST = {"encoder": "hashvec", "map_method": "pca"}
+FAST = FAST_EMBEDDING
 EPOCHS = [0, 2, 5]
-
-
-def quiet(_msg):
-    pass
 
 
 @pytest.fixture

@@ -11,14 +11,10 @@ from conceptmon import store
 from conceptmon.cli import main
 from conceptmon.embedding import embed_run, read_anchors, read_embed_meta, read_neurons
 from conceptmon.plots import PlotError, embedding_map_figure, parse_neuron_refs, plot_run
-from tests.fixtures_runs import figure_from_html, make_run, set_neuron, values
+from tests.fixtures_runs import FAST_EMBEDDING, figure_from_html, make_run, set_neuron, values, quiet
 
-FAST = {"encoder": "hashvec", "map_method": "pca"}
+FAST = FAST_EMBEDDING
 EPOCHS = [1, 2, 4]
-
-
-def quiet(_msg):
-    pass
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 
 from conceptmon import store
 from conceptmon.probes.synthetic import generate_synthetic
 
 from .fakes import TinyConv
+from .fixtures_runs import save_checkpoints
 from .processes import kill_when_paused
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -30,10 +30,7 @@ TIME_FIELDS = {"finished", "seconds"}
 def workspace(tmp_path_factory):
     base = tmp_path_factory.mktemp("resilience")
     probe = generate_synthetic(base / "probe", n=40, size=32, seed=1)
-    ckpts = base / "ckpts"
-    ckpts.mkdir()
-    for e in EPOCHS:
-        torch.save({"epoch": e, "state_dict": TinyConv(seed=e).state_dict()}, ckpts / f"epoch_{e:04d}.pt")
+    ckpts = save_checkpoints(base / "ckpts", {e: TinyConv(seed=e) for e in EPOCHS})
     config = base / "conceptmon.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"arch": "tests.fakes:TinyConv"},

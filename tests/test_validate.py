@@ -11,6 +11,8 @@ from conceptmon.config import config_from_dict
 from conceptmon.probes.synthetic import PALETTE, generate_synthetic
 from conceptmon.validate import ValidateError, read_classes, validate_run
 
+from .fixtures_runs import save_checkpoints
+
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 
 
@@ -31,9 +33,7 @@ class ColourClassifier(torch.nn.Module):
 def run_folder(tmp_path_factory):
     base = tmp_path_factory.mktemp("validate")
     probe = generate_synthetic(base / "probe", n=60, size=32, seed=0)
-    ckpts = base / "ckpts"
-    ckpts.mkdir()
-    torch.save({"epoch": 3, "state_dict": ColourClassifier().state_dict()}, ckpts / "epoch_0003.pt")
+    ckpts = save_checkpoints(base / "ckpts", {3: ColourClassifier()})
     cfg = config_from_dict({"model": {"arch": "tests.test_validate:ColourClassifier"}, "layers": ["fc"],
                             "probe": {"name": "synthetic", "root": str(probe), "mean": [0, 0, 0], "std": [1, 1, 1]},
                             "checkpoints": str(ckpts), "out": str(base / "out"), "trust": {"replicates": 0}})
