@@ -253,7 +253,7 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path):
     import time
 
     exe = Path(sys.executable).with_name("conceptmon")
-    for delay in (0.2, 0.6):  # while the CLI imports, and once the command runs
+    for delay in (0.2, 0.6, 1.5, 3.0):  # while the CLI imports, while the command runs, as it exits
         proc = subprocess.Popen([str(exe), "stats", "--out", str(tmp_path / "nothing")], stderr=subprocess.PIPE,
                                 text=True)
         time.sleep(delay)
