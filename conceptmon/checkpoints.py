@@ -57,6 +57,12 @@ class CheckpointError(ConceptmonError):
     """A checkpoint folder or file that cannot be used."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A file or Hugging Face folder that does not read as a checkpoint (yet): truncated,
+    half-written, corrupt, or a folder whose weights are not all there. ``watch`` tries it
+    again once it has settled; other errors are final for that file until it changes."""
+
+
 @dataclass(frozen=True)
 class CheckpointFile:
     path: Path
@@ -82,7 +88,7 @@ def _read_raw(path: Path, trust: bool, mmap: bool = False):
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+            raise UnreadableCheckpoint(f"{path}: unreadable safetensors file ({e})") from None
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
@@ -94,12 +100,12 @@ def _read_raw(path: Path, trust: bool, mmap: bool = False):
                 f"{path}: holds pickled Python objects ({what}), which weights_only loading "
                 f"refuses; re-save it as a state_dict, or pass --trust-checkpoints if you trust its source"
             ) from None
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+        raise UnreadableCheckpoint(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError) as e:
         if mmap:  # legacy (non-zip) files cannot be memory-mapped: try once more plainly
             return _read_raw(path, trust, mmap=False)
         msg = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({msg})") from None
+        raise UnreadableCheckpoint(f"{path}: unreadable or truncated checkpoint ({msg})") from None
 
 
 def _safetensors_epoch(path: Path) -> int | None:
@@ -109,7 +115,7 @@ def _safetensors_epoch(path: Path) -> int | None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+        raise UnreadableCheckpoint(f"{path}: unreadable safetensors file ({e})") from None
     value = meta.get("epoch")
     return int(value) if value is not None and str(value).lstrip("-").isdigit() else None
 
@@ -157,7 +163,7 @@ def trainer_state_epoch(folder: Path) -> float | None:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+        raise UnreadableCheckpoint(f"{path}: unreadable ({e})") from None
     value = state.get("epoch") if isinstance(state, dict) else None
     return float(value) if _number(value) is not None else None
 
@@ -304,13 +310,13 @@ def hf_weight_paths(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: unreadable shard index ({e})") from None
+            raise UnreadableCheckpoint(f"{path}: unreadable shard index ({e})") from None
         shards = [folder / shard for shard in dict.fromkeys(weight_map.values())]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
-            raise CheckpointError(f"{path}: names shards that are missing: {_sample(missing)}")
+            raise UnreadableCheckpoint(f"{path}: names shards that are missing: {_sample(missing)}")
         return shards
-    raise CheckpointError(f"{folder}: no weights (expected one of {', '.join(HF_WEIGHT_FILES)})")
+    raise UnreadableCheckpoint(f"{folder}: no weights (expected one of {', '.join(HF_WEIGHT_FILES)})")
 
 
 def load_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:

@@ -22,14 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 from . import store
-from .checkpoints import CheckpointError, CheckpointFile, checkpoint_files, read_epoch
+from .checkpoints import CheckpointError, CheckpointFile, UnreadableCheckpoint, checkpoint_files, read_epoch
 from .config import Config
 from .engine import Dissector, resolve_ckpt_dir
 from .errors import ConceptmonError
-
-RETRYABLE = ("unreadable or truncated", "unreadable checkpoint", "unreadable safetensors", "not found")
-"""Checkpoint errors that a file still being written produces: tried again next poll."""
-
 
 @dataclass
 class CollapseTracker:
@@ -164,7 +160,7 @@ class Watcher:
 
     def _trouble(self, path: Path, seen: _Seen, error: Exception) -> None:
         text = str(error)
-        if isinstance(error, CheckpointError) and any(r in text for r in RETRYABLE):
+        if isinstance(error, UnreadableCheckpoint):  # still being written, perhaps
             seen.state = "waiting"
             seen.signature = None  # look again next poll, once it has settled
             self._say_once(seen, f"notice: skipping {path.name} for now ({text}); will retry")
