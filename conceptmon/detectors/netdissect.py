@@ -421,7 +421,6 @@ class NetDissect(Detector):
         )
         self._replicates: tuple | None = None  # (key, weights, replicate label areas), shared by all layers
 
-
     def prepare(self) -> None:
         folder = store.mask_cache_dir(self.ctx.cache_dir, self.probe.fingerprint())
         self.masks = build_mask_cache(self.probe, folder, self.ctx.log)

@@ -157,10 +157,8 @@ class FileHashes:
     def save(self) -> None:
         if not self.changed:
             return
-        from ..store import write_text
-
         try:
-            write_text(self.table, json.dumps({"format": TABLE_FORMAT, "files": self.known}, separators=(",", ":")))
+            store.write_text(self.table, json.dumps({"format": TABLE_FORMAT, "files": self.known}, separators=(",", ":")))
         except ConceptmonError:
             pass  # a read-only home: fingerprints stay right, they are just recomputed next time
         self.changed = False
