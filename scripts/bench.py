@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -354,7 +355,9 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    results = {"torch_threads": torch.get_num_threads()}
+    # Timings mean something only on a quiet machine: the load before the first benchmark
+    # (later readings would count this script's own threads).
+    results = {"torch_threads": torch.get_num_threads(), "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
     known = {**BENCHES, **OPT_IN}
     for name in args.only.split(","):
         if name not in known:
