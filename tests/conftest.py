@@ -46,3 +46,12 @@ def tiny_ckpts(tmp_path):
     for epoch in range(3):
         torch.save({"epoch": epoch, "state_dict": TinyConv(seed=epoch).state_dict()}, folder / f"epoch_{epoch}.pt")
     return folder
+
+
+@pytest.fixture(params=["fused", "tensor"])
+def netdissect_backend(request, monkeypatch):
+    """Runs a Network Dissection test with the fused CPU kernels and with the tensor path."""
+    from conceptmon.detectors import netdissect
+
+    monkeypatch.setattr(netdissect._IoUAccumulator, "backend", "auto" if request.param == "fused" else "tensor")
+    return request.param

@@ -98,7 +98,7 @@ def _dissect(array_probe_config, tmp_path, layers, name):
     return dissector, table
 
 
-def test_nhwc_and_token_layers_dissect_exactly_like_the_nchw_map(array_probe_config, tmp_path):
+def test_nhwc_and_token_layers_dissect_exactly_like_the_nchw_map(netdissect_backend, array_probe_config, tmp_path):
     """The NCHW result equals the brute-force reference (test_netdissect); the same map read
     as NHWC or as patch tokens behind a class token must give the same table row for row."""
     _, nchw = _dissect(array_probe_config, tmp_path, ["inner.conv2"], "nchw")

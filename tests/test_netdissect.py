@@ -67,7 +67,7 @@ def test_iou_formula_and_empty_union():
     [(4, 0.05, 12, 0, 64), (5, 0.2, 12, 0, 64), (12, 0.03, 12, 0, 64), (3, 0.05, 30, 1, 64), (7, 0.1, 30, 2, 64),
      (3, 0.05, 30, 1, 1), (7, 0.1, 30, 2, 1)],
 )
-def test_single_pass_iou_equals_brute_force(tmp_path, monkeypatch, batch_size, quantile, n, seed, min_merge):
+def test_single_pass_iou_equals_brute_force(netdissect_backend, tmp_path, monkeypatch, batch_size, quantile, n, seed, min_merge):
     """Exercises the running bound, the pending merges (min_merge 1: a merge nearly every
     batch), pruning and the sparse neighbourhood store."""
     from conceptmon.detectors import netdissect
@@ -96,7 +96,7 @@ def test_single_pass_iou_equals_brute_force(tmp_path, monkeypatch, batch_size, q
 
 
 
-def test_linear_units_cover_the_whole_image(tmp_path):
+def test_linear_units_cover_the_whole_image(netdissect_backend, tmp_path):
     probe = random_probe(n=30, seed=4)
     model = TinyConv(seed=4)
     cfg = config_from_dict({"layers": ["head"], "batch_size": 7, "probe": {"mean": [0, 0, 0], "std": [1, 1, 1]},

@@ -115,7 +115,7 @@ def dissect(tmp_path, trust: TrustSettings, n=30, seed=1):
     return probe, model, results
 
 
-def test_confidences_equal_the_brute_force_bootstrap(tmp_path):
+def test_confidences_equal_the_brute_force_bootstrap(netdissect_backend, tmp_path):
     trust = TrustSettings(replicates=40, seed=7)
     probe, model, results = dissect(tmp_path, trust)
     x = torch.stack([torch.from_numpy(probe.images[i]).permute(2, 0, 1).float() / 255 for i in range(len(probe))])

@@ -43,7 +43,7 @@ def activations(kind: str, n: int, u: int, h: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["normal", "relu", "ties", "ascending", "descending", "bf16"])
 @pytest.mark.parametrize("batch_size,quantile,min_merge", [(1, 0.05, 1), (7, 0.005, 64), (40, 0.2, 1), (13, 0.01, 4)])
-def test_streamed_threshold_and_floor_are_exact(tmp_path, monkeypatch, kind, batch_size, quantile, min_merge):
+def test_streamed_threshold_and_floor_are_exact(netdissect_backend, tmp_path, monkeypatch, kind, batch_size, quantile, min_merge):
     monkeypatch.setattr(netdissect._IoUAccumulator, "min_merge", min_merge)
     acts = activations(kind, 40, 3, 5, seed=batch_size)
     acc = accumulator(tmp_path, 40, 3, quantile)

@@ -125,7 +125,7 @@ def best_concepts(scores: torch.Tensor, probe) -> list[str]:
 
 
 @pytest.mark.slow
-def test_saturating_units_get_their_colour_and_equal_brute_force(probe, tmp_path):
+def test_saturating_units_get_their_colour_and_equal_brute_force(netdissect_backend, probe, tmp_path):
     net = SaturatingNet()
     results = dissect(net, ["units", "coarse"], probe, tmp_path)
     x = images_of(probe)
@@ -159,7 +159,7 @@ def test_saturating_units_get_their_colour_and_equal_brute_force(probe, tmp_path
 
 
 @pytest.mark.slow
-def test_bf16_activations_equal_brute_force(probe, tmp_path):
+def test_bf16_activations_equal_brute_force(netdissect_backend, probe, tmp_path):
     net = Bf16Net(seed=3)
     results = dissect(net, ["q1", "q2"], probe, tmp_path, batch_size=9, quantile=0.02)
     x = images_of(probe)
@@ -178,7 +178,7 @@ def test_bf16_activations_equal_brute_force(probe, tmp_path):
 
 
 @pytest.mark.slow
-def test_dead_units_get_one_row_without_concept(probe, tmp_path):
+def test_dead_units_get_one_row_without_concept(netdissect_backend, probe, tmp_path):
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
     torch.save({"epoch": 0, "state_dict": SaturatingNet().state_dict()}, ckpts / "epoch_0.pt")

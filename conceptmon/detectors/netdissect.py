@@ -44,9 +44,14 @@ merged into the per-unit top-K (one ``topk`` over [top | pending padded per unit
 when some unit has max(K/4, ``min_merge``) of them, refreshing the bound. With values in
 random order about K (1 + ln(n / K)) of a unit's n values ever beat its bound, so merging
 costs a few K per unit in all. Re-pruning is rolling: each batch re-checks the oldest
-stored entries, about twice as many as it added, instead of re-pruning everything from
-time to time. So each batch costs work proportional to its own size, not to the images
-seen so far. Everything stays tensor ops on the activations' device.
+stored entries, as many as it added, instead of re-pruning everything from time to time.
+So each batch costs work proportional to its own size, not to the images seen so far.
+
+**Two implementations, one result.** On an accelerator every step is tensor ops on the
+activations' device. On a CPU those ops were most of dissect's cost (each a separate pass
+over millions of values), so there the per-map steps (neighbourhoods, re-pruning, scoring)
+run as fused loops (:mod:`.netdissect_cpu`, numba) with the same float32 operations in
+the same order: both give the same bits, and the tests run both (``backend``).
 
 **Bootstrap confidence.** With ``ctx.trust.replicates = B > 0``, the scoring step, which
 finds per (unit, image) the active area and the per-concept intersection counts, also adds
@@ -678,9 +683,125 @@ def _densify(c: _Candidates, offsets: torch.Tensor, start: int, stop: int, shape
     return dense.view(stop - start, *shape)
 
 
+class _MapCountsTensor:
+    """Per candidate map (unit, image): its active area and the pixels it shares with each
+    concept, as (map, concept, count) triplets; tensor ops on any device, a bounded number
+    of maps at a time (dense maps of a chunk, then :func:`active_pixels`)."""
+
+    def __init__(self, cand: _Candidates, cut: torch.Tensor, grid: BilinearGrid, masks: MaskCache, n_concepts: int,
+                 map_shape: tuple[int, int]):
+        self.cand, self.cut, self.grid, self.masks, self.n_concepts = cand, cut, grid, masks, n_concepts
+        self.map_shape = map_shape
+        self.offsets = cand.offsets()
+        dev = cut.device
+        self.label_offsets = torch.from_numpy(masks.label_offsets).to(dev)
+        self.label_values = torch.from_numpy(masks.label_values).to(dev)
+
+    def chunks(self):
+        mh, mw = self.masks.mask_size
+        # Chunks bound the evaluated tiles (~64 MB at worst) and the per-map concept counts.
+        chunk = max(1, min(_SCORING_PIXELS // (mh * mw), _SCORING_PIXELS // (4 * (self.n_concepts + 1))))
+        n_maps = self.cand.units.numel()
+        return [(start, min(start + chunk, n_maps)) for start in range(0, n_maps, chunk)]
+
+    def counts(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        cand, dev, m = self.cand, self.cut.device, self.n_concepts
+        u_s, img_s = cand.units[start:stop].long(), cand.images[start:stop].long()
+        maps = _densify(cand, self.offsets, start, stop, self.map_shape)
+        s_idx, ys, xs = active_pixels(maps, self.cut[u_s], self.grid)
+        del maps
+        n = stop - start
+        area = torch.bincount(s_idx, minlength=n).to(torch.float64)
+        counts = torch.zeros(n * (m + 1), dtype=torch.float64, device=dev)
+        if s_idx.numel():
+            pixel, labels = self.masks.pixel_labels(img_s[s_idx].cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy())
+            keys = s_idx[torch.from_numpy(pixel).to(dev)] * (m + 1) + torch.from_numpy(labels.astype(np.int64)).to(dev)
+            counts += torch.bincount(keys, minlength=counts.numel()).to(torch.float64)
+        # Whole-image labels: every active pixel of the image intersects them.
+        lo = self.label_offsets[img_s]
+        n_labels = self.label_offsets[img_s + 1] - lo
+        if int(n_labels.sum()):
+            rep = torch.repeat_interleave(torch.arange(n, device=dev), n_labels)
+            block_start = torch.repeat_interleave(torch.cumsum(n_labels, 0) - n_labels, n_labels)
+            concept = self.label_values[lo[rep] + torch.arange(rep.numel(), device=dev) - block_start]
+            counts.index_add_(0, rep * (m + 1) + concept + 1, area[rep])
+        counts = counts.view(n, m + 1)[:, 1:]
+        t_map, t_concept = torch.nonzero(counts, as_tuple=True)
+        return area, t_map, t_concept, counts[t_map, t_concept]
+
+
+class _MapCountsFused:
+    """:class:`_MapCountsTensor`'s counts from the fused CPU kernel (same numbers)."""
+
+    _ENTRIES = 1 << 22  # entries per kernel call: bounds the triplet buffers
+
+    def __init__(self, cand: _Candidates, cut: torch.Tensor, grid: BilinearGrid, masks: MaskCache, n_concepts: int,
+                 map_shape: tuple[int, int]):
+        from . import netdissect_cpu
+
+        self.kernel = netdissect_cpu.score
+        self.cand, self.masks, self.n_concepts, self.map_shape = cand, masks, n_concepts, map_shape
+        self.cut, self.hot_cut = cut.numpy(), margin_below(cut).numpy()
+        self.axes = [
+            (*netdissect_cpu.block_groups(src.numpy(), n_src), start.numpy(), count.numpy(), w0.numpy(), w1.numpy())
+            for src, start, count, w0, w1, n_src in (
+                (grid.gy_src, grid.gy_start, grid.gy_count, grid.wy0, grid.wy1, map_shape[0]),
+                (grid.gx_src, grid.gx_start, grid.gx_count, grid.wx0, grid.wx1, map_shape[1]))]
+        self.offsets = cand.offsets().numpy()
+
+    def chunks(self):
+        bounds = np.searchsorted(self.offsets, np.arange(0, self.offsets[-1], self._ENTRIES), side="right") - 1
+        starts = sorted(set(bounds.tolist()) | {0})
+        n_maps = self.cand.units.numel()
+        return [(a, b) for a, b in zip(starts, starts[1:] + [n_maps]) if b > a]
+
+    def counts(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        c, masks = self.cand, self.masks
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        area, t_map, t_concept, t_count = self.kernel(
+            c.units[start:stop].numpy(), c.images[start:stop].numpy(), c.counts[start:stop].numpy(),
+            c.entry_pos[lo:hi].numpy(), c.entry_val[lo:hi].numpy(), self.cut, self.hot_cut, *self.map_shape,
+            *self.axes[0], *self.axes[1], masks.maps, masks.map_offsets, masks.label_offsets, masks.label_values,
+            self.n_concepts)
+        return (torch.from_numpy(area).double(), torch.from_numpy(t_map), torch.from_numpy(t_concept),
+                torch.from_numpy(t_count).double())
+
+
+def _sparsify_fused(acts: torch.Tensor, cut: torch.Tensor, pending_above: torch.Tensor, images: torch.Tensor,
+                    pos_dtype) -> tuple[_Candidates, torch.Tensor, torch.Tensor]:
+    """:func:`_sparsify` on the CPU: the maps' maxima by tensor ops (vectorised, threaded),
+    the neighbourhoods of the maps that reach the cut in one kernel pass each; also the
+    entries > pending_above[unit] (unit int32, value)."""
+    from . import netdissect_cpu
+
+    b, u, h, w = acts.shape
+    acts = acts.contiguous()
+    maxima = acts.amax(dim=(2, 3))  # (B, U)
+    img_i, unit_i = torch.nonzero(maxima >= cut[None, :], as_tuple=True)
+    counts, entry_pos, entry_val, pend_unit, pend_val = (torch.from_numpy(a) for a in netdissect_cpu.sparsify(
+        acts.view(b, u, h * w).numpy(), img_i.numpy(), unit_i.numpy(), cut.contiguous().numpy(),
+        pending_above.contiguous().numpy(), h, w))
+    part = _Candidates(unit_i.to(torch.int32), images[img_i].to(torch.int32), maxima[img_i, unit_i], counts,
+                       entry_pos.to(pos_dtype), entry_val)
+    return part, pend_unit, pend_val
+
+
+def _prune_fused(c: _Candidates, cut: torch.Tensor, shape: tuple[int, int]) -> _Candidates:
+    """:func:`_prune_candidates` in one pass per map on the CPU."""
+    from . import netdissect_cpu
+
+    keep_map, counts, entry_pos, entry_val = (torch.from_numpy(a) for a in netdissect_cpu.prune(
+        c.units.numpy(), c.maxima.numpy(), c.counts.numpy(), c.entry_pos.numpy(), c.entry_val.numpy(),
+        cut.contiguous().numpy(), *shape))
+    return _Candidates(c.units[keep_map], c.images[keep_map], c.maxima[keep_map], counts[keep_map], entry_pos, entry_val)
+
+
 class _IoUAccumulator(LayerAccumulator):
     min_merge = 64
     """Pending values per unit that trigger a top-K merge at the least (tests lower it)."""
+    backend = "auto"
+    """``auto``: the fused kernels on a CPU, tensor ops elsewhere; ``tensor``: tensor ops
+    everywhere (the tests run both; their results are bit-identical)."""
 
     def __init__(self, det: NetDissect, layer: str, n_units: int):
         self.det = det
@@ -716,6 +837,12 @@ class _IoUAccumulator(LayerAccumulator):
         self.pos_dtype = torch.int16 if h * w <= 32767 else torch.int32
         self.merge_at = max(self.k // 4, self.min_merge)
 
+    def _fused(self, device: torch.device) -> bool:
+        """Whether this accumulator runs the fused CPU kernels (:mod:`.netdissect_cpu`)."""
+        if self.backend not in ("auto", "tensor"):
+            raise DetectorError(f"netdissect backend {self.backend!r}: expected auto or tensor")
+        return device.type == "cpu" and self.backend != "tensor"
+
     def _keep_cut(self) -> torch.Tensor:
         """Values an entry needs to be worth keeping now: m(m(bound)) (module docstring)."""
         return margin_below(margin_below(self.bound))
@@ -737,6 +864,7 @@ class _IoUAccumulator(LayerAccumulator):
         self.n_seen += b * h * w
         if self.n_seen > self.n_values:
             raise DetectorError(f"layer {self.layer}: more activations than the probe set's {self.n_images} images")
+        fused = self._fused(acts.device)
         self.floor = torch.minimum(self.floor, acts.amin(dim=(0, 2, 3)))
         filling = bool(torch.isinf(self.bound).any())
         if filling:  # fewer than K values merged yet: every value counts, merge the batch whole
@@ -745,19 +873,27 @@ class _IoUAccumulator(LayerAccumulator):
             self.top = merged.topk(self.k, dim=1, sorted=False).values
             self.bound = self.top.amin(dim=1)
             self.merged_values += b * h * w * u
-        part, entry_unit = _sparsify(acts, self._keep_cut(), index.to(acts.device), self.pos_dtype)
+        # Every value above the bound is >= the keep cut, so among the entries: those are
+        # the pending values (none while filling: the batch was merged whole).
+        pending_above = torch.full_like(self.bound, math.inf) if filling else self.bound
+        if fused:
+            part, pending_units, pending_values = _sparsify_fused(
+                acts, self._keep_cut(), pending_above, index, self.pos_dtype)
+        else:
+            part, entry_unit = _sparsify(acts, self._keep_cut(), index.to(acts.device), self.pos_dtype)
+            above = part.entry_val > pending_above[entry_unit]
+            pending_units, pending_values = entry_unit[above].to(torch.int32), part.entry_val[above]
         if part.units.numel():
             self.parts.append(part)
             self.entries += part.entry_val.numel()
-            if not filling:  # every value above the bound is >= the keep cut, so among the entries
-                above = part.entry_val > self.bound[entry_unit]
-                self.pending_units.append(entry_unit[above].to(torch.int32))
-                self.pending_values.append(part.entry_val[above])
-                self.pending_count += torch.bincount(entry_unit[above], minlength=u)
+        if pending_values.numel():
+            self.pending_units.append(pending_units)
+            self.pending_values.append(pending_values)
+            self.pending_count += torch.bincount(pending_units.long(), minlength=u)
         self._note_peak()
         if int(self.pending_count.max()) >= self.merge_at:
             self._merge()
-        self._rolling_prune(2 * part.entry_val.numel() + self.n_units * 64)
+        self._rolling_prune(part.entry_val.numel() + self.n_units * 64)
 
     def _merge(self) -> None:
         """Fold the pending values into the per-unit top K and raise the bound."""
@@ -784,9 +920,10 @@ class _IoUAccumulator(LayerAccumulator):
         """Re-prune the oldest ``budget`` stored entries against the current keep cut.
 
         The parts form a queue of maps, oldest first; pruned maps go to the back. Each batch
-        thus re-checks about twice the entries it added: work per batch stays proportional to
-        the batch (no full re-prune whose cost grows with the images seen), and since about
-        half of what comes to the front is stale, the store stays within ~2x what is valid.
+        thus re-checks as many entries as it added (plus 64 per unit): work per batch stays
+        proportional to the batch (no full re-prune whose cost grows with the images seen).
+        Re-checking twice as many kept the store ~25 % smaller for ~25 % more streaming time
+        (measured on the wide CNN of scripts/bench_netdissect.py).
         """
         taken, left = [], budget
         while left > 0 and len(self.parts) > 1:  # the newest part was just built with this cut
@@ -802,7 +939,8 @@ class _IoUAccumulator(LayerAccumulator):
                 left = 0
         if taken:
             before = sum(p.entry_val.numel() for p in taken)
-            pruned = _prune_candidates(_Candidates.concat(taken), self._keep_cut(), self.map_shape)
+            prune = _prune_fused if self._fused(self.top.device) else _prune_candidates
+            pruned = prune(_Candidates.concat(taken), self._keep_cut(), self.map_shape)
             self.parts.append(pruned)
             self.entries += pruned.entry_val.numel() - before
 
@@ -850,7 +988,11 @@ class _IoUAccumulator(LayerAccumulator):
         # No final entry-level prune: active_pixels reads only blocks next to a source >=
         # margin_below(cut), whose neighbourhoods the store kept (every keep cut so far was
         # below that). Maps whose maximum is below that cannot give an active pixel: drop them.
-        self.parts = [_Candidates.concat(self.parts).select_maps(margin_below(cut))] if self.parts else []
+        # (The fused kernel skips such maps as cheaply as select_maps would find them.)
+        fused = self._fused(dev)
+        if self.parts:
+            cand = _Candidates.concat(self.parts)
+            self.parts = [cand if fused else cand.select_maps(margin_below(cut))]
         inter = torch.zeros(self.n_units, n_concepts, dtype=torch.float64, device=dev)
         act_area = torch.zeros(self.n_units, n_cat, dtype=torch.float64, device=dev)
         total_area = torch.zeros(self.n_units, dtype=torch.float64, device=dev)
@@ -860,45 +1002,21 @@ class _IoUAccumulator(LayerAccumulator):
             rep_area = torch.zeros(self.n_units * n_cat, replicates, dtype=torch.float64, device=dev)
         if self.parts:
             cand = self.parts[0]
-            offsets = cand.offsets()
-            mh, mw = masks.mask_size
             present = torch.from_numpy(masks.categories_present).to(dev).to(torch.float64)
-            label_offsets = torch.from_numpy(masks.label_offsets).to(dev)
-            label_values = torch.from_numpy(masks.label_values).to(dev)
-            grid = BilinearGrid.of(self.map_shape, (mh, mw), dev)
-            # Chunks bound the evaluated tiles (~64 MB at worst) and the per-map concept counts.
-            chunk = max(1, min(_SCORING_PIXELS // (mh * mw), _SCORING_PIXELS // (4 * (n_concepts + 1))))
-            for start in range(0, cand.units.numel(), chunk):
-                stop = min(start + chunk, cand.units.numel())
+            count_maps = _MapCountsFused if fused else _MapCountsTensor
+            counter = count_maps(cand, cut, BilinearGrid.of(self.map_shape, masks.mask_size, dev), masks, n_concepts,
+                                 self.map_shape)
+            for start, stop in counter.chunks():
                 u_s, img_s = cand.units[start:stop].long(), cand.images[start:stop].long()
-                maps = _densify(cand, offsets, start, stop, self.map_shape)
-                # Only the few active pixels matter from here on: work on their coordinates.
-                s_idx, ys, xs = active_pixels(maps, cut[u_s], grid)
-                del maps
-                n = stop - start
-                area = torch.bincount(s_idx, minlength=n).to(torch.float64)
-                counts = torch.zeros(n * (n_concepts + 1), dtype=torch.float64, device=dev)
-                if s_idx.numel():
-                    pixel, labels = masks.pixel_labels(img_s[s_idx].cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy())
-                    keys = s_idx[torch.from_numpy(pixel).to(dev)] * (n_concepts + 1) + torch.from_numpy(
-                        labels.astype(np.int64)).to(dev)
-                    counts += torch.bincount(keys, minlength=counts.numel()).to(torch.float64)
-                # Whole-image labels: every active pixel of the image intersects them.
-                n_labels = label_offsets[img_s + 1] - label_offsets[img_s]
-                if int(n_labels.sum()):
-                    rep = torch.repeat_interleave(torch.arange(n, device=dev), n_labels)
-                    block_start = torch.repeat_interleave(torch.cumsum(n_labels, 0) - n_labels, n_labels)
-                    concept = label_values[label_offsets[img_s][rep] + torch.arange(rep.numel(), device=dev) - block_start]
-                    counts.index_add_(0, rep * (n_concepts + 1) + concept + 1, area[rep])
-                counts = counts.view(n, n_concepts + 1)[:, 1:]
-                inter.index_add_(0, u_s, counts)
+                area, t_map, t_concept, t_count = counter.counts(start, stop)
+                cell = u_s[t_map] * n_concepts + t_concept
+                inter.view(-1).index_add_(0, cell, t_count)
                 total_area.index_add_(0, u_s, area)
-                act_area.index_add_(0, u_s, area[:, None] * present[img_s])
+                by_cat = area[:, None] * present[img_s]  # areas where the category is annotated
+                act_area.index_add_(0, u_s, by_cat)
                 if replicates:
-                    m_i, c_i = torch.nonzero(counts, as_tuple=True)
                     add_weighted_image_sums(rep_inter, weights, CountTable(
-                        u_s[m_i] * n_concepts + c_i, img_s[m_i], counts[m_i, c_i], rep_inter.shape[0]))
-                    by_cat = area[:, None] * present[img_s]  # areas where the category is annotated
+                        cell, img_s[t_map], t_count, rep_inter.shape[0]))
                     m_i, k_i = torch.nonzero(by_cat, as_tuple=True)
                     add_weighted_image_sums(rep_area, weights, CountTable(
                         u_s[m_i] * n_cat + k_i, img_s[m_i], by_cat[m_i, k_i], rep_area.shape[0]))
