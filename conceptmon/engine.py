@@ -24,7 +24,7 @@ from PIL import Image
 from . import __version__, store
 from .checkpoints import CheckpointError, CheckpointFile, WeightLoader, checkpoint_sha256, find_checkpoints
 from .config import Config, ConfigError, LayerSpec, resolve_out, run_name
-from .detectors import Detector, LayerScores, RunContext, TrustSettings, create_detector, rank_concepts
+from .detectors import Detector, LayerScores, MapExtrema, RunContext, TrustSettings, create_detector, rank_concepts
 from .devices import available_bytes, resolve_device
 from .errors import ConceptmonError
 from .hooks import LayerTrace, resolve_layers
@@ -59,11 +59,6 @@ class TopImages:
             idx = torch.cat([self.index, idx], dim=1)
         top = vals.topk(min(self.k, vals.shape[1]), dim=1)
         self.values, self.index = top.values, torch.gather(idx, 1, top.indices)
-
-
-def per_image_max(acts: torch.Tensor) -> torch.Tensor:
-    """(B, U) maximum of each unit's output per image (canonical maps or linear outputs)."""
-    return acts.amax(dim=(2, 3)) if acts.dim() == 4 else acts
 
 
 # ----------------------------------------------------------------------------- probe images
@@ -239,15 +234,16 @@ def collect_passes(
                         layouts[name] = resolve_layout(LayerSpec(name), trace.modules[name], tuple(raw.shape),
                                                        tuple(x.shape[2:]))
                     act = canonical(raw, layouts[name], class_token).float()
-                    if not bool(torch.isfinite(torch.stack(torch.aminmax(act))).all()):  # NaN propagates
+                    extrema = MapExtrema.of(act)  # one reduction each, shared with the accumulator
+                    if not bool(torch.isfinite(extrema.map_max).all() & torch.isfinite(extrema.unit_min).all()):
                         raise ActivationError(
                             f"layer {name}: NaN or infinite activations (images {int(index[0])}..{int(index[-1])}); "
                             f"is the checkpoint diverged?"
                         )
                     if name not in acc:
                         acc[name] = detector.accumulator(name, act.shape[1])
-                    acc[name].add(act, index)
-                    top[name].add(per_image_max(act), index)
+                    acc[name].add_with_extrema(act, index, extrema)
+                    top[name].add(extrema.map_max, index)
             done += x.shape[0]
             if progress:
                 progress(done, total)

@@ -42,7 +42,7 @@ def test_sparsify_matches_the_tensor_path(h, w, mh, mw, cut_kind):
     bound = cut + 0.3
     images = torch.arange(100, 106)
     want, entry_unit = _sparsify(acts, cut, images, torch.int16)
-    got, pending_units, pending_values = _sparsify_fused(acts, cut, bound, images, torch.int16)
+    got, pending_units, pending_values = _sparsify_fused(acts, acts.amax(dim=(2, 3)), cut, bound, images, torch.int16)
     assert_same_candidates(got, want)
     above = want.entry_val > bound[entry_unit]
     assert torch.equal(pending_units, entry_unit[above].to(torch.int32))
@@ -117,13 +117,17 @@ def test_fused_chunks_cover_every_map_once(monkeypatch):
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
 
 
-@pytest.mark.parametrize("replicates", [0, 7])
-def test_both_paths_give_bit_identical_labels(tmp_path, monkeypatch, replicates):
-    """Whole accumulators over the same activations: the same store, scores and confidences."""
+@pytest.mark.parametrize("replicates,threads", [(0, 1), (7, 1), (7, 3)])
+def test_both_paths_give_bit_identical_labels(tmp_path, monkeypatch, replicates, threads):
+    """Whole accumulators over the same activations: the same store, scores and confidences,
+    also with the kernels' work split over threads (3: ranges of unequal sizes)."""
     from conceptmon.config import config_from_dict
-    from conceptmon.detectors import RunContext, TrustSettings, create_detector
+    from conceptmon.detectors import RunContext, TrustSettings, create_detector, netdissect_cpu
 
     from .fakes import random_probe
+
+    monkeypatch.setattr(netdissect_cpu, "threads", lambda: threads)
+    monkeypatch.setattr(netdissect_cpu, "MIN_SPLIT", 1)
 
     probe = random_probe(n=40, seed=5)
     cfg = config_from_dict({"layers": ["x"], "detector": {"quantile": 0.05}})
@@ -158,3 +162,17 @@ def test_an_unknown_backend_is_refused(monkeypatch):
     acc = netdissect._IoUAccumulator.__new__(netdissect._IoUAccumulator)
     with pytest.raises(DetectorError, match="expected auto or tensor"):
         acc._fused(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("n,threads,min_split", [(10, 3, 1), (1000, 2, 256), (300, 2, 256), (0, 4, 1)])
+def test_split_covers_every_item_once_in_order(monkeypatch, n, threads, min_split):
+    from conceptmon.detectors import netdissect_cpu
+
+    monkeypatch.setattr(netdissect_cpu, "threads", lambda: threads)
+    monkeypatch.setattr(netdissect_cpu, "MIN_SPLIT", min_split)
+    for weights in (None, np.arange(n) % 7 + 1):
+        ranges = netdissect_cpu.split(n, weights)
+        covered = [i for lo, hi in ranges for i in range(lo, hi)]
+        assert covered == list(range(n))
+        assert len(ranges) <= max(1, threads)
+    assert len(netdissect_cpu.split(1000, None)) == min(threads, 1000 // min_split)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..registry import Registry, RegistryError
 from .base import (
-    Detector, DetectorError, LayerAccumulator, LayerScores, RunContext, TrustSettings, bootstrap_summary,
+    Detector, DetectorError, LayerAccumulator, LayerScores, MapExtrema, RunContext, TrustSettings, bootstrap_summary,
     poisson_weights, rank_concepts, summarise_replicates,
 )
 
@@ -65,7 +65,7 @@ def create_detector(cfg, probe, ctx: RunContext) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "Detector", "DetectorError", "LayerAccumulator", "LayerScores", "RunContext", "TrustSettings",
+    "DETECTORS", "Detector", "DetectorError", "LayerAccumulator", "LayerScores", "MapExtrema", "RunContext", "TrustSettings",
     "bootstrap_summary", "create_detector", "detector_class", "list_detectors", "poisson_weights",
     "rank_concepts", "register_detector", "summarise_replicates",
 ]

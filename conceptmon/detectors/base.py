@@ -133,12 +133,33 @@ def summarise_replicates(top1: torch.Tensor, own: torch.Tensor, reported: torch.
     return confidence, torch.quantile(own, tail, dim=0), torch.quantile(own, 1.0 - tail, dim=0)
 
 
+@dataclass(frozen=True)
+class MapExtrema:
+    """A batch's reductions that the engine needs anyway (the finite check, top images) and
+    shares with accumulators: each (image, unit)'s maximum (B, U), each unit's minimum (U,)."""
+
+    map_max: torch.Tensor
+    unit_min: torch.Tensor
+
+    @classmethod
+    def of(cls, acts: torch.Tensor) -> "MapExtrema":
+        """acts: (B, U, H, W) maps or (B, U) linear outputs. NaN propagates into both."""
+        if acts.dim() == 2:
+            return cls(acts, acts.amin(dim=0))
+        return cls(acts.amax(dim=(2, 3)), acts.amin(dim=(0, 2, 3)))
+
+
 class LayerAccumulator(ABC):
     """Streams one layer's activations over the probe set; O(units) memory, not O(images)."""
 
     @abstractmethod
     def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
         """acts: (B, U, ...) activations of images ``index`` (B,) int64 probe indices."""
+
+    def add_with_extrema(self, acts: torch.Tensor, index: torch.Tensor, extrema: MapExtrema) -> None:
+        """What the engine calls, with the batch's :class:`MapExtrema`: an accumulator that
+        needs them overrides this rather than computing them again. By default ``add``."""
+        self.add(acts, index)
 
     @abstractmethod
     def scores(self) -> "LayerScores | torch.Tensor":

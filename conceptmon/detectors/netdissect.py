@@ -86,7 +86,8 @@ from ..config import ConfigError, DetectorOptions
 from .. import store
 from ..store import write_json
 from . import register_detector
-from .base import Detector, DetectorError, LayerAccumulator, LayerScores, bootstrap_summary, poisson_weights, rank_concepts
+from .base import (Detector, DetectorError, LayerAccumulator, LayerScores, MapExtrema, bootstrap_summary,
+                   poisson_weights, rank_concepts)
 
 CACHE_FORMAT = 2
 TIE_TOLERANCE = 1e-5
@@ -756,31 +757,42 @@ class _MapCountsFused:
         return [(a, b) for a, b in zip(starts, starts[1:] + [n_maps]) if b > a]
 
     def counts(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        from . import netdissect_cpu
+
         c, masks = self.cand, self.masks
-        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
-        area, t_map, t_concept, t_count = self.kernel(
-            c.units[start:stop].numpy(), c.images[start:stop].numpy(), c.counts[start:stop].numpy(),
-            c.entry_pos[lo:hi].numpy(), c.entry_val[lo:hi].numpy(), self.cut, self.hot_cut, *self.map_shape,
-            *self.axes[0], *self.axes[1], masks.maps, masks.map_offsets, masks.label_offsets, masks.label_values,
-            self.n_concepts)
+        units, images, counts = (t[start:stop].numpy() for t in (c.units, c.images, c.counts))
+        pos, val, offsets = c.entry_pos.numpy(), c.entry_val.numpy(), self.offsets
+
+        def args(lo: int, hi: int) -> tuple:
+            e0, e1 = int(offsets[start + lo]), int(offsets[start + hi])
+            return (units[lo:hi], images[lo:hi], counts[lo:hi], pos[e0:e1], val[e0:e1], self.cut, self.hot_cut,
+                    *self.map_shape, *self.axes[0], *self.axes[1], masks.maps, masks.map_offsets,
+                    masks.label_offsets, masks.label_values, self.n_concepts)
+
+        ranges = netdissect_cpu.split(stop - start, counts)
+        parts = netdissect_cpu.run_split(self.kernel, ranges, args)
+        area = np.concatenate([p[0] for p in parts])
+        t_map = np.concatenate([p[1] + lo for p, (lo, _) in zip(parts, ranges)])
+        t_concept, t_count = (np.concatenate([p[i] for p in parts]) for i in (2, 3))
         return (torch.from_numpy(area).double(), torch.from_numpy(t_map), torch.from_numpy(t_concept),
                 torch.from_numpy(t_count).double())
 
 
-def _sparsify_fused(acts: torch.Tensor, cut: torch.Tensor, pending_above: torch.Tensor, images: torch.Tensor,
-                    pos_dtype) -> tuple[_Candidates, torch.Tensor, torch.Tensor]:
-    """:func:`_sparsify` on the CPU: the maps' maxima by tensor ops (vectorised, threaded),
-    the neighbourhoods of the maps that reach the cut in one kernel pass each; also the
-    entries > pending_above[unit] (unit int32, value)."""
+def _sparsify_fused(acts: torch.Tensor, maxima: torch.Tensor, cut: torch.Tensor, pending_above: torch.Tensor,
+                    images: torch.Tensor, pos_dtype) -> tuple[_Candidates, torch.Tensor, torch.Tensor]:
+    """:func:`_sparsify` on the CPU, given the maps' maxima (B, U): the neighbourhoods of
+    the maps that reach the cut in one kernel pass each; also the entries >
+    pending_above[unit] (unit int32, value)."""
     from . import netdissect_cpu
 
     b, u, h, w = acts.shape
     acts = acts.contiguous()
-    maxima = acts.amax(dim=(2, 3))  # (B, U)
     img_i, unit_i = torch.nonzero(maxima >= cut[None, :], as_tuple=True)
-    counts, entry_pos, entry_val, pend_unit, pend_val = (torch.from_numpy(a) for a in netdissect_cpu.sparsify(
-        acts.view(b, u, h * w).numpy(), img_i.numpy(), unit_i.numpy(), cut.contiguous().numpy(),
-        pending_above.contiguous().numpy(), h, w))
+    flat, maps_image, maps_unit = acts.view(b, u, h * w).numpy(), img_i.numpy(), unit_i.numpy()
+    cut_np, pending_np = cut.contiguous().numpy(), pending_above.contiguous().numpy()
+    parts = netdissect_cpu.run_split(netdissect_cpu.sparsify, netdissect_cpu.split(len(maps_image)), lambda lo, hi: (
+        flat, maps_image[lo:hi], maps_unit[lo:hi], cut_np, pending_np, h, w))
+    counts, entry_pos, entry_val, pend_unit, pend_val = (torch.from_numpy(np.concatenate(a)) for a in zip(*parts))
     part = _Candidates(unit_i.to(torch.int32), images[img_i].to(torch.int32), maxima[img_i, unit_i], counts,
                        entry_pos.to(pos_dtype), entry_val)
     return part, pend_unit, pend_val
@@ -848,6 +860,9 @@ class _IoUAccumulator(LayerAccumulator):
         return margin_below(margin_below(self.bound))
 
     def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
+        self.add_with_extrema(acts, index, None)
+
+    def add_with_extrema(self, acts: torch.Tensor, index: torch.Tensor, extrema: MapExtrema | None) -> None:
         if acts.dim() == 2:  # a linear unit has no extent: its value covers the whole image
             acts = acts[:, :, None, None]
         if acts.dim() != 4:
@@ -856,6 +871,7 @@ class _IoUAccumulator(LayerAccumulator):
                 f"{tuple(acts.shape)}; use detector clip-dissect for this layer"
             )
         acts = acts.float()
+        extrema = MapExtrema.of(acts) if extrema is None else extrema
         b, u, h, w = acts.shape
         if self.top is None:
             self._start(acts)
@@ -865,7 +881,7 @@ class _IoUAccumulator(LayerAccumulator):
         if self.n_seen > self.n_values:
             raise DetectorError(f"layer {self.layer}: more activations than the probe set's {self.n_images} images")
         fused = self._fused(acts.device)
-        self.floor = torch.minimum(self.floor, acts.amin(dim=(0, 2, 3)))
+        self.floor = torch.minimum(self.floor, extrema.unit_min.float())
         filling = bool(torch.isinf(self.bound).any())
         if filling:  # fewer than K values merged yet: every value counts, merge the batch whole
             self._merge()
@@ -878,7 +894,7 @@ class _IoUAccumulator(LayerAccumulator):
         pending_above = torch.full_like(self.bound, math.inf) if filling else self.bound
         if fused:
             part, pending_units, pending_values = _sparsify_fused(
-                acts, self._keep_cut(), pending_above, index, self.pos_dtype)
+                acts, extrema.map_max.float(), self._keep_cut(), pending_above, index, self.pos_dtype)
         else:
             part, entry_unit = _sparsify(acts, self._keep_cut(), index.to(acts.device), self.pos_dtype)
             above = part.entry_val > pending_above[entry_unit]

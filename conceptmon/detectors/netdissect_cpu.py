@@ -10,8 +10,12 @@ when a CPU dissection first needs a kernel (this module is imported lazily).
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
+import torch
 
 _UNKNOWN = np.float32(-1e30)  # as netdissect._UNKNOWN: stands in for values that were not kept
 
@@ -236,3 +240,39 @@ def block_groups(group_src: np.ndarray, n_src: int) -> tuple[np.ndarray, np.ndar
     first = np.searchsorted(group_src, src, side="left")
     return first.astype(np.int64), (np.searchsorted(group_src, src, side="right") - first).astype(np.int64)
 
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="conceptmon-netdissect")
+
+
+MIN_SPLIT = 256
+"""Fewest maps per thread: below that, a thread costs more than it saves (tests lower it)."""
+
+
+def threads() -> int:
+    """CPU threads the kernels may use: torch's (``torch.set_num_threads`` sets both)."""
+    return torch.get_num_threads()
+
+
+def split(n: int, weights: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Items 0..n-1 as contiguous ranges, one per thread (balanced by ``weights``'
+    cumulative sum when given, else by count), none smaller than MIN_SPLIT."""
+    parts = max(1, min(threads(), n // max(MIN_SPLIT, 1)))
+    if parts == 1:
+        return [(0, n)]
+    if weights is None:
+        bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    else:
+        total = np.cumsum(weights)
+        bounds = np.concatenate([[0], np.searchsorted(total, total[-1] * np.arange(1, parts) / parts), [n]])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def run_split(kernel, ranges: list[tuple[int, int]], args_of) -> list:
+    """``kernel(*args_of(lo, hi))`` for each range, on threads (the kernels release the GIL),
+    results in range order: the same as one call over everything, concatenated."""
+    if len(ranges) == 1:
+        return [kernel(*args_of(*ranges[0]))]
+    return list(_pool(len(ranges)).map(lambda r: kernel(*args_of(*r)), ranges))
