@@ -114,12 +114,22 @@ class LayerResult:
         return self.labels.scores
 
 
-def make_loader(probe: ProbeSet, cfg: Config, device: torch.device):
+READ_ORDER_SEED = 0
+"""The probe's fixed random read order (:func:`make_loader` ``shuffled``): the same on every run."""
+
+
+def make_loader(probe: ProbeSet, cfg: Config, device: torch.device, shuffled: bool = False):
+    """Batches of (uint8 images, probe indices); ``shuffled``: in one fixed random order
+    (``READ_ORDER_SEED``) rather than the probe's, for detectors whose running estimates
+    assume no order (Broden lists its images by source data set)."""
     dataset = ImageDataset(probe, cfg.probe.image_size)
+    order = None
+    if shuffled:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(READ_ORDER_SEED)).tolist()
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=False,
+        sampler=order,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -217,36 +227,44 @@ def collect_passes(
     accs = [dict() for _ in models]
     tops = [{name: TopImages() for name in layers} for _ in models]
     total = len(loader.dataset)
-    done = 0
+    layouts = {} if layouts is None else layouts
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         traces = [stack.enter_context(LayerTrace(model, layers)) for model in models]
-        for x, index in _batches(loader):
-            x = normalize(x.to(device, non_blocking=True), mean, std)
-            for trace, acc, top in zip(traces, accs, tops):
-                with torch.autocast(device.type, enabled=amp):
-                    outputs = trace.run(x)
-                for name in layers:
-                    raw = outputs[name]
-                    if layouts is None:
-                        layouts = {}
-                    if name not in layouts:
-                        layouts[name] = resolve_layout(LayerSpec(name), trace.modules[name], tuple(raw.shape),
-                                                       tuple(x.shape[2:]))
-                    act = canonical(raw, layouts[name], class_token).float()
-                    extrema = MapExtrema.of(act)  # one reduction each, shared with the accumulator
-                    if not bool(torch.isfinite(extrema.map_max).all() & torch.isfinite(extrema.unit_min).all()):
-                        raise ActivationError(
-                            f"layer {name}: NaN or infinite activations (images {int(index[0])}..{int(index[-1])}); "
-                            f"is the checkpoint diverged?"
-                        )
-                    if name not in acc:
-                        acc[name] = detector.accumulator(name, act.shape[1])
-                    acc[name].add_with_extrema(act, index, extrema)
-                    top[name].add(extrema.map_max, index)
-            done += x.shape[0]
-            if progress:
-                progress(done, total)
+        wanting = {m: set(layers) for m in range(len(models))}  # the accumulators fed in this pass
+        first = True
+        while wanting:  # the first pass feeds all; a later one only those that ask for another
+            done = 0
+            for x, index in _batches(loader):
+                x = normalize(x.to(device, non_blocking=True), mean, std)
+                for m, names in wanting.items():
+                    with torch.autocast(device.type, enabled=amp):
+                        outputs = traces[m].run(x)
+                    for name in layers:
+                        if name not in names:
+                            continue
+                        raw = outputs[name]
+                        if name not in layouts:
+                            layouts[name] = resolve_layout(LayerSpec(name), traces[m].modules[name], tuple(raw.shape),
+                                                           tuple(x.shape[2:]))
+                        act = canonical(raw, layouts[name], class_token).float()
+                        extrema = MapExtrema.of(act)  # one reduction each, shared with the accumulator
+                        if not bool(torch.isfinite(extrema.map_max).all() & torch.isfinite(extrema.unit_min).all()):
+                            raise ActivationError(
+                                f"layer {name}: NaN or infinite activations (images {int(index[0])}..{int(index[-1])}); "
+                                f"is the checkpoint diverged?"
+                            )
+                        if name not in accs[m]:
+                            accs[m][name] = detector.accumulator(name, act.shape[1])
+                        accs[m][name].add_with_extrema(act, index, extrema)
+                        if first:
+                            tops[m][name].add(extrema.map_max, index)
+                done += x.shape[0]
+                if progress and first:
+                    progress(done, total)
+            first = False
+            asked = {m: {name for name in names if accs[m][name].needs_another_pass()} for m, names in wanting.items()}
+            wanting = {m: names for m, names in asked.items() if names}
     return [
         {name: LayerResult(LayerScores.of(acc[name].scores()), top[name].values, top[name].index) for name in layers}
         for acc, top in zip(accs, tops)
@@ -548,7 +566,8 @@ class Dissector:
         """Probe-level work (masks, CLIP features) and the loader: once per Dissector."""
         if self._loader is None:
             self.detector.prepare()
-            self._loader = make_loader(self.probe, self.cfg, self.device)
+            self._loader = make_loader(self.probe, self.cfg, self.device,
+                                       shuffled=self.detector.reads_in_random_order)
 
     def label(self, models: list[torch.nn.Module], label: str = "pass") -> list[dict[str, LayerResult]]:
         """Each model's per-layer results from one pass over the probe set; writes nothing."""

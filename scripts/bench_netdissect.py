@@ -96,7 +96,8 @@ def linear_cost(sizes=(2000, 8000), image_size: int = 112, batch_size: int = 64,
         probe, probe_cfg = _synthetic_probe(workdir, sizes[-1], image_size, limit=n)
         cfg = config_from_dict({"layers": layers, "batch_size": batch_size, "detector": {"quantile": quantile},
                                 "probe": probe_cfg.to_dict(), "trust": {"replicates": 0}})
-        det = create_detector(cfg, probe, RunContext(device=dev, cache_dir=workdir / "cache"))
+        messages: list[str] = []
+        det = create_detector(cfg, probe, RunContext(device=dev, cache_dir=workdir / "cache", log=messages.append))
         det.prepare()
         loader = make_loader(probe, cfg, dev)
         marks: dict = {}
@@ -125,13 +126,22 @@ def linear_cost(sizes=(2000, 8000), image_size: int = 112, batch_size: int = 64,
             out["warmed_up"] = f"one dissect of {n} images before the timed runs"
             continue
         bare()  # warm-up: file cache, allocator, kernels
+        # The faster of two bare passes (this machine's timings vary by tens of percent):
+        # the ratio errs on the side of the detector looking slower.
+        runs = []
+        for _ in range(2):
+            marks.clear()
+            runs.append((bare(), dict(marks)))
+        (b0, b1), bare_marks = min(runs, key=lambda r: r[0][1] - r[0][0])
         marks.clear()
-        b0, b1 = bare()
+        marks.update(bare_marks)
+        messages.clear()
         t0 = time.perf_counter()
         collect_layers(model, layers, loader, det, dev, mean=cfg.probe.mean, std=cfg.probe.std, progress=mark)
         t1 = time.perf_counter()
         run = {"bare_s": round(b1 - b0, 3), "dissect_s": round(t1 - t0, 3), "ratio": round((t1 - t0) / (b1 - b0), 3),
-               "scores_s": round(t1 - marks["last_batch"], 3)}
+               "scores_s": round(t1 - marks["last_batch"], 3),
+               "second_passes": sum("second pass" in m for m in messages)}
         if n > sizes[0]:
             first_n, first_t = marks["at_first"]
             later = (marks["last_batch"] - first_t) / (n - first_n)
@@ -350,14 +360,16 @@ def checkpoints_per_pass(n_checkpoints: int = 8, n_images: int = 2000, image_siz
         return time.perf_counter() - t0
 
     bare()  # warm-up
-    bare_s = bare()
+    bare_s = min(bare(), bare())  # the faster of two, as in linear_cost
+    messages: list[str] = []
     t0 = time.perf_counter()
-    dissect_run(cfg, ckpts=ckpts, out=out, force=True, log=lambda m: None)
+    dissect_run(cfg, ckpts=ckpts, out=out, force=True, log=messages.append)
     _sync(dev)
     run_s = time.perf_counter() - t0
     return {"device": str(dev), "checkpoints": n_checkpoints, "images": n_images, "image_size": image_size,
             "bare_pass_all_models_s": round(bare_s, 3), "dissect_run_s": round(run_s, 3),
-            "ratio": round(run_s / bare_s, 3), "target_ratio": 2.0}
+            "ratio": round(run_s / bare_s, 3), "target_ratio": 2.0,
+            "second_passes": sum("second pass" in m for m in messages)}
 
 
 BENCHES = {"linear": linear_cost, "memory": broden_memory, "bootstrap": bootstrap_cost,

@@ -186,3 +186,47 @@ def test_everything_that_changes_results_is_in_the_fingerprint(array_probe_confi
                    {"layers": ["conv1"]}, {"probe": {**array_probe_config["probe"], "limit": 5}},
                    {"probe": {**array_probe_config["probe"], "std": [0.5, 0.5, 0.5]}}):
         assert fp(**change) != base, change
+
+
+def test_a_second_pass_feeds_only_the_accumulators_that_ask(tmp_path):
+    """collect_passes runs the loader again for a model while any of its accumulators asks
+    (needs_another_pass), feeding only those; top images come from the first pass."""
+    from conceptmon.detectors import Detector, LayerAccumulator, LayerScores, RunContext
+    from conceptmon.engine import collect_passes, make_loader
+
+    from .fakes import random_probe
+
+    class Counting(LayerAccumulator):
+        def __init__(self, layer, n_units, passes):
+            self.layer, self.n_units, self.passes, self.seen, self.asked = layer, n_units, passes, [], 0
+
+        def add(self, acts, index):
+            self.seen.extend(index.tolist())
+
+        def needs_another_pass(self):
+            self.asked += 1
+            return len(self.seen) < self.passes * 12
+
+        def scores(self):
+            return LayerScores(scores=torch.zeros(self.n_units, 1))
+
+    accs = {}
+
+    class TwoPasses(Detector):
+        name = "two-passes"
+        default_threshold = 0.5
+
+        def accumulator(self, layer, n_units):
+            accs[layer] = Counting(layer, n_units, passes=2 if layer == "conv2" else 1)
+            return accs[layer]
+
+    probe = random_probe(n=12, seed=0)
+    cfg = config_from_dict({"layers": ["conv1", "conv2"], "batch_size": 5, "probe": {"mean": [0, 0, 0], "std": [1, 1, 1]}})
+    det = TwoPasses(None, probe, probe.concepts, RunContext(device=torch.device("cpu"), cache_dir=tmp_path))
+    [results] = collect_passes([TinyConv()], cfg.layers, make_loader(probe, cfg, torch.device("cpu"), shuffled=True),
+                               det, torch.device("cpu"), mean=[0, 0, 0], std=[1, 1, 1])
+    assert sorted(accs["conv1"].seen) == list(range(12))
+    assert sorted(accs["conv2"].seen) == sorted(list(range(12)) * 2)
+    assert accs["conv2"].seen[:12] == accs["conv2"].seen[12:] != list(range(12))  # the same fixed random order
+    assert accs["conv1"].asked == 1 and accs["conv2"].asked == 2  # asked after each pass it was fed
+    assert results["conv2"].top_index.shape == (6, 10) and len(set(results["conv2"].top_index[0].tolist())) == 10

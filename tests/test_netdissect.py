@@ -67,18 +67,26 @@ def test_iou_formula_and_empty_union():
     [(4, 0.05, 12, 0, 64), (5, 0.2, 12, 0, 64), (12, 0.03, 12, 0, 64), (3, 0.05, 30, 1, 64), (7, 0.1, 30, 2, 64),
      (3, 0.05, 30, 1, 1), (7, 0.1, 30, 2, 1)],
 )
-def test_single_pass_iou_equals_brute_force(netdissect_backend, tmp_path, monkeypatch, batch_size, quantile, n, seed, min_merge):
+@pytest.mark.parametrize("speculation", ["default", "failing"])
+def test_single_pass_iou_equals_brute_force(netdissect_backend, tmp_path, monkeypatch, batch_size, quantile, n, seed,
+                                            min_merge, speculation):
     """Exercises the running bound, the pending merges (min_merge 1: a merge nearly every
-    batch), pruning and the sparse neighbourhood store."""
+    batch), pruning and the sparse neighbourhood store; "failing": a speculative cut far
+    too high (the top 1 % of what the estimate should keep), so that nearly every unit
+    needs the second pass, which must give the same result."""
     from conceptmon.detectors import netdissect
 
     monkeypatch.setattr(netdissect._IoUAccumulator, "min_merge", min_merge)
+    if speculation == "failing":
+        monkeypatch.setattr(netdissect._IoUAccumulator, "speculation", 0.01)
+        monkeypatch.setattr(netdissect._IoUAccumulator, "speculation_slack_images", 0)
     probe = random_probe(n=n, seed=seed)
     model = TinyConv(seed=seed)
     cfg = config_from_dict({"layers": ["conv1", "conv2"], "batch_size": batch_size,
                             "probe": {"mean": [0, 0, 0], "std": [1, 1, 1]},
                             "detector": {"quantile": quantile}})
-    ctx = RunContext(device=torch.device("cpu"), cache_dir=tmp_path)
+    logs = []
+    ctx = RunContext(device=torch.device("cpu"), cache_dir=tmp_path, log=logs.append)
     det = create_detector(cfg, probe, ctx)
     det.prepare()
     results = collect_layers(model, cfg.layers, make_loader(probe, cfg, ctx.device), det, ctx.device,
@@ -93,6 +101,8 @@ def test_single_pass_iou_equals_brute_force(netdissect_backend, tmp_path, monkey
         np.testing.assert_allclose(results[name].scores.numpy(), want, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(results[name].labels.dead.numpy(), dead)
         assert want.max() > 0  # the comparison is not vacuous
+    second = [m for m in logs if "second pass" in m]
+    assert len(second) == (2 if speculation == "failing" else 0), logs
 
 
 

@@ -161,6 +161,11 @@ class LayerAccumulator(ABC):
         needs them overrides this rather than computing them again. By default ``add``."""
         self.add(acts, index)
 
+    def needs_another_pass(self) -> bool:
+        """Asked after each pass over the whole probe set: True to be fed the same batches
+        once more (through ``add_with_extrema``) before ``scores()``. By default False."""
+        return False
+
     @abstractmethod
     def scores(self) -> "LayerScores | torch.Tensor":
         """:class:`LayerScores` (or a bare (U, n_concepts) tensor): higher means closer."""
@@ -172,14 +177,17 @@ class Detector(ABC):
     Class attributes: ``name`` (registry name), ``Options`` (its options dataclass,
     extending DetectorOptions), ``default_threshold``, ``needs_masks`` (probe sets with
     segmentation masks only), ``uses_probe_labels`` (its concepts are the probe's own
-    mask labels rather than the config's ``concepts:``), ``version`` (bump when results
-    change for the same inputs: it is part of every result's fingerprint).
+    mask labels rather than the config's ``concepts:``), ``reads_in_random_order`` (the
+    engine reads the probe in one fixed random order, for running estimates that assume
+    none; results must not depend on the order), ``version`` (bump when results change
+    for the same inputs: it is part of every result's fingerprint).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type] = DetectorOptions
     default_threshold: ClassVar[float]
     needs_masks: ClassVar[bool] = False
+    reads_in_random_order: ClassVar[bool] = False
     uses_probe_labels: ClassVar[bool] = False
     version: ClassVar[int] = 1
 

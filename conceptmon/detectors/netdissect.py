@@ -47,6 +47,19 @@ costs a few K per unit in all. Re-pruning is rolling: each batch re-checks the o
 stored entries, as many as it added, instead of re-pruning everything from time to time.
 So each batch costs work proportional to its own size, not to the images seen so far.
 
+**Speculative keep cut.** Early in a pass the bound is a low quantile (after 64 of 2,000
+images, the top 16 % of a unit's values), so early batches would store many neighbourhoods
+that later ones prune. From the top values merged so far, the value of rank
+``2 K f + h w`` (f: the share of the probe seen; one image's worth of slack) estimates a cut
+below the final T, and the keep cut is the higher of m(m(that)) and m(m(b)). Values below a
+speculative cut are dropped, so at the end each unit is checked: if the highest speculative
+cut it used lies above its final K-th largest value or above m(c), it may have lost values
+that matter and is dissected again, alone, in a second pass over the probe with speculation
+off (the engine runs one when an accumulator asks, ``needs_another_pass``). Results are
+exact either way; the estimate only decides how often a second pass is needed, which is
+why Network Dissection reads the probe in one fixed random order (Broden lists its images
+by source data set, so an estimate from its first images would often be too high).
+
 **Two implementations, one result.** On an accelerator every step is tensor ops on the
 activations' device. On a CPU those ops were most of dissect's cost (each a separate pass
 over millions of values), so there the per-map steps (neighbourhoods, re-pruning, scoring)
@@ -71,6 +84,7 @@ Probe masks are decoded once per probe set into a cache folder (see :func:`build
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -416,6 +430,7 @@ class NetDissect(Detector):
     default_threshold = 0.04  # Bau et al.: a unit is interpretable when its best IoU >= 0.04
     needs_masks = True
     uses_probe_labels = True
+    reads_in_random_order = True  # the speculative cut's estimate assumes no order (results never depend on it)
 
     def __init__(self, options, probe, concepts, ctx):
         super().__init__(options, probe, concepts, ctx)
@@ -814,6 +829,11 @@ class _IoUAccumulator(LayerAccumulator):
     backend = "auto"
     """``auto``: the fused kernels on a CPU, tensor ops elsewhere; ``tensor``: tensor ops
     everywhere (the tests run both; their results are bit-identical)."""
+    speculation = 2.0
+    speculation_slack_images = 1
+    """The speculative keep cut (module docstring): the value of rank ``speculation * K * f
+    + speculation_slack_images * h * w`` among the values seen (f: the share of the probe
+    seen). 0 turns it off."""
 
     def __init__(self, det: NetDissect, layer: str, n_units: int):
         self.det = det
@@ -833,6 +853,10 @@ class _IoUAccumulator(LayerAccumulator):
         self.entries = 0
         self.merged_values = 0  # values that ever entered the top-K merge (the linear-cost claim)
         self.peak = {"top_values": 0, "pending": 0, "candidates": 0}
+        self.speculative: torch.Tensor | None = None  # (U,) speculative keep cut now (-inf: none)
+        self.speculated: torch.Tensor | None = None  # (U,) the highest speculative cut used
+        self.retry: _IoUAccumulator | None = None  # the units whose speculation failed, a second pass
+        self.retry_units: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ streaming
 
@@ -848,6 +872,8 @@ class _IoUAccumulator(LayerAccumulator):
         self.map_shape = (h, w)
         self.pos_dtype = torch.int16 if h * w <= 32767 else torch.int32
         self.merge_at = max(self.k // 4, self.min_merge)
+        self.speculative = torch.full((u,), -math.inf, device=dev)
+        self.speculated = self.speculative.clone()
 
     def _fused(self, device: torch.device) -> bool:
         """Whether this accumulator runs the fused CPU kernels (:mod:`.netdissect_cpu`)."""
@@ -856,8 +882,37 @@ class _IoUAccumulator(LayerAccumulator):
         return device.type == "cpu" and self.backend != "tensor"
 
     def _keep_cut(self) -> torch.Tensor:
-        """Values an entry needs to be worth keeping now: m(m(bound)) (module docstring)."""
-        return margin_below(margin_below(self.bound))
+        """Values an entry needs to be worth keeping now: m(m(bound)), or the speculative cut
+        where that is higher (module docstring)."""
+        return torch.maximum(margin_below(margin_below(self.bound)), self.speculative)
+
+    def _speculate(self) -> None:
+        """Refresh the speculative cut from the top values merged so far."""
+        h, w = self.map_shape
+        rank = math.ceil(self.speculation * self.k * self.n_seen / self.n_values) + self.speculation_slack_images * h * w
+        if not self.speculation or rank >= self.k or bool(torch.isinf(self.bound).any()):
+            self.speculative.fill_(-math.inf)
+            return
+        value = self.top.topk(rank, dim=1, sorted=False).values.amin(dim=1)  # the rank-th largest
+        self.speculative = margin_below(margin_below(value))
+        self.speculated = torch.maximum(self.speculated, self.speculative)
+
+    def needs_another_pass(self) -> bool:
+        """Whether a speculative cut was too high for some units; if so, set up their second
+        pass (the next ``add`` calls feed it) and say so once."""
+        if self.retry is not None or self.top is None:
+            return False
+        self._merge()
+        cut = active_cut(self._own_thresholds(), self.floor)
+        failed = (self.speculated > self.bound) | (self.speculated > margin_below(cut))
+        if not bool(failed.any()):
+            return False
+        self.retry_units = torch.nonzero(failed).squeeze(1)
+        self.retry = _IoUAccumulator(self.det, self.layer, int(self.retry_units.numel()))
+        self.retry.speculation = 0.0
+        self.det.ctx.log(f"layer {self.layer}: {self.retry_units.numel()} of {self.n_units} units reached their top "
+                         f"values late in the probe order; dissecting them again in a second pass")
+        return True
 
     def add(self, acts: torch.Tensor, index: torch.Tensor) -> None:
         self.add_with_extrema(acts, index, None)
@@ -872,6 +927,11 @@ class _IoUAccumulator(LayerAccumulator):
             )
         acts = acts.float()
         extrema = MapExtrema.of(acts) if extrema is None else extrema
+        if self.retry is not None:  # the second pass: only the units that need it
+            units = self.retry_units.to(acts.device)
+            self.retry.add_with_extrema(acts[:, units], index, MapExtrema(extrema.map_max[:, units],
+                                                                          extrema.unit_min[units]))
+            return
         b, u, h, w = acts.shape
         if self.top is None:
             self._start(acts)
@@ -889,6 +949,7 @@ class _IoUAccumulator(LayerAccumulator):
             self.top = merged.topk(self.k, dim=1, sorted=False).values
             self.bound = self.top.amin(dim=1)
             self.merged_values += b * h * w * u
+            self._speculate()
         # Every value above the bound is >= the keep cut, so among the entries: those are
         # the pending values (none while filling: the batch was merged whole).
         pending_above = torch.full_like(self.bound, math.inf) if filling else self.bound
@@ -931,6 +992,7 @@ class _IoUAccumulator(LayerAccumulator):
         block[units, self.k + slot] = values
         self.top = block.topk(self.k, dim=1, sorted=False).values
         self.bound = self.top.amin(dim=1)
+        self._speculate()
 
     def _rolling_prune(self, budget: int) -> None:
         """Re-prune the oldest ``budget`` stored entries against the current keep cut.
@@ -979,7 +1041,13 @@ class _IoUAccumulator(LayerAccumulator):
                 "pending_values": sum(t.numel() for t in self.pending_values)}
 
     def thresholds(self) -> torch.Tensor:
-        """Exact per-unit T from every value added so far."""
+        """Exact per-unit T from every value added so far (second-pass units from that pass)."""
+        own = self._own_thresholds()
+        if self.retry is not None:
+            own[self.retry_units.to(own.device)] = self.retry.thresholds()
+        return own
+
+    def _own_thresholds(self) -> torch.Tensor:
         self._merge()
         top = self.top
         k_seen = quantile_keep_count(self.n_seen, self.det.quantile)
@@ -990,9 +1058,26 @@ class _IoUAccumulator(LayerAccumulator):
     # ------------------------------------------------------------------ scoring
 
     def scores(self) -> LayerScores:
-        det = self.det
         if self.top is None:
             raise DetectorError(f"layer {self.layer}: no activations were recorded")
+        if self.retry is None and self.needs_another_pass():
+            raise DetectorError(f"layer {self.layer}: {self.retry_units.numel()} units need a second pass over the "
+                                f"probe set before scoring (feed the same batches to add() again)")
+        own = self._own_scores()
+        if self.retry is None:
+            return own
+        units, again = self.retry_units.to(own.scores.device), self.retry.scores()
+        rows = {}
+        for field in dataclasses.fields(LayerScores):
+            mine, theirs = getattr(own, field.name), getattr(again, field.name)
+            if mine is not None and theirs is not None:
+                mine = mine.clone()
+                mine[units] = theirs.to(mine.dtype)
+            rows[field.name] = mine
+        return LayerScores(**rows)
+
+    def _own_scores(self) -> LayerScores:
+        det = self.det
         if det.masks is None:
             det.prepare()
         masks = det.masks
@@ -1000,7 +1085,7 @@ class _IoUAccumulator(LayerAccumulator):
         n_cat = max(len(det.probe.category_names), 1)
         replicates = det.ctx.trust.replicates
         dev = self.top.device
-        cut = active_cut(self.thresholds(), self.floor)
+        cut = active_cut(self._own_thresholds(), self.floor)
         # No final entry-level prune: active_pixels reads only blocks next to a source >=
         # margin_below(cut), whose neighbourhoods the store kept (every keep cut so far was
         # below that). Maps whose maximum is below that cannot give an active pixel: drop them.
