@@ -51,14 +51,17 @@ class TopImages:
         self.index: torch.Tensor | None = None
 
     def add(self, per_image: torch.Tensor, index: torch.Tensor) -> None:
-        """per_image: (B, U) one value per image and unit."""
+        """per_image: (B, U) one value per image and unit. Ties go to the lower probe index,
+        so the result does not depend on the order images come in."""
         vals = per_image.t()
         idx = index.to(vals.device)[None, :].expand_as(vals)
         if self.values is not None:
             vals = torch.cat([self.values, vals], dim=1)
             idx = torch.cat([self.index, idx], dim=1)
-        top = vals.topk(min(self.k, vals.shape[1]), dim=1)
-        self.values, self.index = top.values, torch.gather(idx, 1, top.indices)
+        by_index = torch.argsort(idx, dim=1, stable=True)
+        vals, idx = torch.gather(vals, 1, by_index), torch.gather(idx, 1, by_index)
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.k]
+        self.values, self.index = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
 
 
 # ----------------------------------------------------------------------------- probe images
@@ -360,9 +363,10 @@ def result_tables(
 
 # ----------------------------------------------------------------------------- a run
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 """Bumped when the engine's results change for the same inputs (2: layouts, tie rule,
-dead units, confidence): part of every epoch's fingerprint."""
+dead units, confidence; 3: top images tied in activation ordered by probe index):
+part of every epoch's fingerprint."""
 MAX_EPOCH = 2**31 - 1
 """Epoch numbers are int32 in every table."""
 AUTO_MAX_CHECKPOINTS_PER_PASS = 8

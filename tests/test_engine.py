@@ -230,3 +230,19 @@ def test_a_second_pass_feeds_only_the_accumulators_that_ask(tmp_path):
     assert accs["conv2"].seen[:12] == accs["conv2"].seen[12:] != list(range(12))  # the same fixed random order
     assert accs["conv1"].asked == 1 and accs["conv2"].asked == 2  # asked after each pass it was fed
     assert results["conv2"].top_index.shape == (6, 10) and len(set(results["conv2"].top_index[0].tolist())) == 10
+
+
+def test_top_images_do_not_depend_on_the_read_order():
+    from conceptmon.engine import TopImages
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (40, 5), generator=g).float()  # many ties
+    results = []
+    for order in (torch.arange(40), torch.randperm(40, generator=g)):
+        top = TopImages(k=10)
+        for chunk in order.split(7):
+            top.add(values[chunk], chunk)
+        results.append((top.values, top.index))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    want = sorted(range(40), key=lambda i: (-float(values[i, 2]), i))[:10]
+    assert results[0][1][2].tolist() == want
