@@ -950,9 +950,14 @@ class _IoUAccumulator(LayerAccumulator):
             self.bound = self.top.amin(dim=1)
             self.merged_values += b * h * w * u
             self._speculate()
-        # Every value above the bound is >= the keep cut, so among the entries: those are
-        # the pending values (none while filling: the batch was merged whole).
-        pending_above = torch.full_like(self.bound, math.inf) if filling else self.bound
+        # Every value above the bound and >= the speculative cut is >= the keep cut, so among
+        # the entries: those are the pending values (none while filling: the batch was merged
+        # whole). A value below a speculative cut can only be in the final top K if the
+        # speculation fails, and then the unit is redone (needs_another_pass).
+        pending_above = torch.maximum(self.bound, torch.nextafter(self.speculative, torch.full_like(
+            self.speculative, -math.inf)))
+        if filling:
+            pending_above = torch.full_like(self.bound, math.inf)
         if fused:
             part, pending_units, pending_values = _sparsify_fused(
                 acts, extrema.map_max.float(), self._keep_cut(), pending_above, index, self.pos_dtype)
@@ -970,7 +975,7 @@ class _IoUAccumulator(LayerAccumulator):
         self._note_peak()
         if int(self.pending_count.max()) >= self.merge_at:
             self._merge()
-        self._rolling_prune(part.entry_val.numel() + self.n_units * 64)
+        self._rolling_prune(part.entry_val.numel() // 2 + self.n_units * 64)
 
     def _merge(self) -> None:
         """Fold the pending values into the per-unit top K and raise the bound."""

@@ -50,6 +50,8 @@ def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w):
     n_maps = map_image.shape[0]
     hot = np.zeros(hw, np.uint8)
     wide = np.zeros(hw, np.uint8)
+    row_hot = np.zeros(h + 2, np.uint8)  # row y + 1: whether row y has a hot pixel (rows -1, h: never)
+    near = np.zeros(w, np.uint8)
     counts = np.empty(n_maps, np.int32)
     entry_pos = np.empty(max(1024, n_maps * hw // 8), np.int32)
     entry_val = np.empty(entry_pos.shape[0], np.float32)
@@ -63,14 +65,19 @@ def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w):
         cut = keep_cut[u]
         for p in range(hw):
             hot[p] = row[p] >= cut
-        for y in range(h):
+        for y in range(h):  # rows without a hot pixel are skipped from here on
             o = y * w
+            any_hot = np.uint8(0)
             for x in range(w):
-                wide[o + x] = hot[o + x]
-            for x in range(1, w):
-                wide[o + x] |= hot[o + x - 1]
-            for x in range(w - 1):
-                wide[o + x] |= hot[o + x + 1]
+                any_hot |= hot[o + x]
+            row_hot[y + 1] = any_hot
+            if any_hot:
+                for x in range(w):
+                    wide[o + x] = hot[o + x]
+                for x in range(1, w):
+                    wide[o + x] |= hot[o + x - 1]
+                for x in range(w - 1):
+                    wide[o + x] |= hot[o + x + 1]
         if n_entries + hw > entry_pos.shape[0]:  # (growing only when needed keeps the loops fast)
             entry_pos = grow(entry_pos, n_entries + hw)
             entry_val = grow(entry_val, n_entries + hw)
@@ -80,11 +87,19 @@ def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w):
         start = n_entries
         above = pending_above[u]
         for y in range(h):
+            if not (row_hot[y] | row_hot[y + 1] | row_hot[y + 2]):
+                continue
             o = y * w
-            up = o - w if y > 0 else o
-            down = o + w if y < h - 1 else o
+            # the rows y - 1, y, y + 1 that have a hot pixel (only their `wide` was written)
             for x in range(w):
-                if wide[up + x] | wide[o + x] | wide[down + x]:
+                near[x] = 0
+            for dy in range(-1, 2):
+                if row_hot[y + 1 + dy]:
+                    r = o + dy * w
+                    for x in range(w):
+                        near[x] |= wide[r + x]
+            for x in range(w):
+                if near[x]:
                     v = row[o + x]
                     entry_pos[n_entries] = o + x
                     entry_val[n_entries] = v
