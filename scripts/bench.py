@@ -302,9 +302,12 @@ def bench_embed(n_images: int, size: int, workdir: Path) -> dict:
         "plot_run(%r, neurons=[('layer4', 479), ('layer4', 256)], log=quiet)\n"
     )
 
+    # A user cache of its own: "cold" must not find text vectors or maps of an earlier run.
+    env = {**os.environ, "CONCEPTMON_CACHE": str(root / "user-cache")}
+
     def timed(embed: bool, force: bool) -> float:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", step % (repo, embed, str(out), force, str(out))], check=True)
+        subprocess.run([sys.executable, "-c", step % (repo, embed, str(out), force, str(out))], check=True, env=env)
         return time.perf_counter() - t0
 
     cold = timed(embed=True, force=False)

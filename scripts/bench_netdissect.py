@@ -237,6 +237,7 @@ def broden_memory(n_images: int = BRODEN_IMAGES, layers: dict | None = None, bat
     total_peak = 0
     for name, acc in accs.items():
         state = acc.state_bytes()
+        second_pass_units = int(acc.retry_units.numel()) if acc.needs_another_pass() else 0
         peak = {k: state[f"peak_{k}"] for k in ("top_values", "pending", "candidates")}
         total_peak += sum(peak.values())
         per_1k = [w["s_per_1k_images"] for w in windows[name]]
@@ -249,6 +250,7 @@ def broden_memory(n_images: int = BRODEN_IMAGES, layers: dict | None = None, bat
             "s_per_1k_images": per_1k,
             "s_per_1k_last_over_first_windows": round(per_1k[-1] / per_1k[0], 3) if len(per_1k) > 1 and per_1k[0] else None,
             "accumulate_s": round(seconds[name], 3),
+            "units_needing_a_second_pass": second_pass_units,
         }
     out["peak_total_mb_upper_bound"] = round(total_peak / 2**20, 1)  # peaks of parts need not coincide
     return out
