@@ -222,7 +222,10 @@ def collect_passes(
     std=(0.229, 0.224, 0.225),
 ) -> list[dict[str, LayerResult]]:
     """One pass over the probe set for several models: each batch is decoded and normalised
-    once, then every model's forward pass feeds its own per-layer accumulators."""
+    once, then every model's forward pass feeds its own per-layer accumulators. Where an
+    accumulator then asks for another pass (``needs_another_pass``: Network Dissection's
+    speculative cut failed for some units), the probe is read again for that model and only
+    the accumulators that asked are fed."""
     layers = [str(layer) for layer in layers]
     for model in models:
         model.eval().to(device)
