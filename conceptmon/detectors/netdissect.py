@@ -775,12 +775,13 @@ class _MapCountsFused:
         from . import netdissect_cpu
 
         c, masks = self.cand, self.masks
-        units, images, counts = (t[start:stop].numpy() for t in (c.units, c.images, c.counts))
+        units, images, maxima, counts = (t[start:stop].numpy() for t in (c.units, c.images, c.maxima, c.counts))
         pos, val, offsets = c.entry_pos.numpy(), c.entry_val.numpy(), self.offsets
 
         def args(lo: int, hi: int) -> tuple:
             e0, e1 = int(offsets[start + lo]), int(offsets[start + hi])
-            return (units[lo:hi], images[lo:hi], counts[lo:hi], pos[e0:e1], val[e0:e1], self.cut, self.hot_cut,
+            return (units[lo:hi], images[lo:hi], maxima[lo:hi], counts[lo:hi], pos[e0:e1], val[e0:e1], self.cut,
+                    self.hot_cut,
                     *self.map_shape, *self.axes[0], *self.axes[1], masks.maps, masks.map_offsets,
                     masks.label_offsets, masks.label_values, self.n_concepts)
 

@@ -147,7 +147,7 @@ def prune(units, maxima, counts, entry_pos, entry_val, cut, h, w):
 
 
 @_jit
-def score(units, images, counts, entry_pos, entry_val, cut, hot_cut, h, w,
+def score(units, images, maxima, counts, entry_pos, entry_val, cut, hot_cut, h, w,
           y_first, y_groups, y_start, y_count, wy0, wy1,
           x_first, x_groups, x_start, x_count, wx0, wx1,
           masks, map_offsets, label_offsets, label_values, n_concepts):
@@ -174,6 +174,9 @@ def score(units, images, counts, entry_pos, entry_val, cut, hot_cut, h, w,
         image = images[s]
         c = cut[u]
         hc = hot_cut[u]
+        if not maxima[s] >= hc:  # no source can make a pixel active (a stale map): area 0
+            lo = hi
+            continue
         for j in range(lo, hi):
             dense[entry_pos[j]] = entry_val[j]
         n_blocks = 0
