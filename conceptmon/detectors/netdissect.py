@@ -552,11 +552,13 @@ def _neighbourhood(hot: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sparsify(acts: torch.Tensor, cut: torch.Tensor, images: torch.Tensor, pos_dtype) -> tuple[_Candidates, torch.Tensor]:
+def _sparsify(acts: torch.Tensor, cut: torch.Tensor, images: torch.Tensor, pos_dtype,
+              maxima: torch.Tensor | None = None) -> tuple[_Candidates, torch.Tensor]:
     """A batch (B, U, h, w) -> the 3x3 neighbourhoods of its pixels >= cut[unit], for the maps
-    that have any; also each entry's unit. Maps come in (image, unit) order."""
+    that have any; also each entry's unit. Maps come in (image, unit) order. ``maxima``:
+    the maps' maxima (B, U) where the caller has them already."""
     b, u, h, w = acts.shape
-    maxima = acts.amax(dim=(2, 3))  # (B, U)
+    maxima = acts.amax(dim=(2, 3)) if maxima is None else maxima
     img_i, unit_i = torch.nonzero(maxima >= cut[None, :], as_tuple=True)
     maps = acts[img_i, unit_i]  # only maps that reach the cut: usually a small share
     s = maps.shape[0]
@@ -755,7 +757,7 @@ class _MapCountsFused:
                  map_shape: tuple[int, int]):
         from . import netdissect_cpu
 
-        self.kernel = netdissect_cpu.score
+        self.cpu = netdissect_cpu
         self.cand, self.masks, self.n_concepts, self.map_shape = cand, masks, n_concepts, map_shape
         self.cut, self.hot_cut = cut.numpy(), margin_below(cut).numpy()
         self.axes = [
@@ -772,8 +774,6 @@ class _MapCountsFused:
         return [(a, b) for a, b in zip(starts, starts[1:] + [n_maps]) if b > a]
 
     def counts(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
-        from . import netdissect_cpu
-
         c, masks = self.cand, self.masks
         units, images, maxima, counts = (t[start:stop].numpy() for t in (c.units, c.images, c.maxima, c.counts))
         pos, val, offsets = c.entry_pos.numpy(), c.entry_val.numpy(), self.offsets
@@ -785,8 +785,8 @@ class _MapCountsFused:
                     *self.map_shape, *self.axes[0], *self.axes[1], masks.maps, masks.map_offsets,
                     masks.label_offsets, masks.label_values, self.n_concepts)
 
-        ranges = netdissect_cpu.split(stop - start, counts)
-        parts = netdissect_cpu.run_split(self.kernel, ranges, args)
+        ranges = self.cpu.split(stop - start, counts)
+        parts = self.cpu.run_split(self.cpu.score, ranges, args)
         area = np.concatenate([p[0] for p in parts])
         t_map = np.concatenate([p[1] + lo for p, (lo, _) in zip(parts, ranges)])
         t_concept, t_count = (np.concatenate([p[i] for p in parts]) for i in (2, 3))
@@ -959,11 +959,12 @@ class _IoUAccumulator(LayerAccumulator):
             self.speculative, -math.inf)))
         if filling:
             pending_above = torch.full_like(self.bound, math.inf)
+        maxima = extrema.map_max.float()
         if fused:
             part, pending_units, pending_values = _sparsify_fused(
-                acts, extrema.map_max.float(), self._keep_cut(), pending_above, index, self.pos_dtype)
+                acts, maxima, self._keep_cut(), pending_above, index, self.pos_dtype)
         else:
-            part, entry_unit = _sparsify(acts, self._keep_cut(), index.to(acts.device), self.pos_dtype)
+            part, entry_unit = _sparsify(acts, self._keep_cut(), index.to(acts.device), self.pos_dtype, maxima)
             above = part.entry_val > pending_above[entry_unit]
             pending_units, pending_values = entry_unit[above].to(torch.int32), part.entry_val[above]
         if part.units.numel():

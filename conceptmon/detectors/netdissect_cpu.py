@@ -32,6 +32,7 @@ def grow(array, need):
     out[: array.shape[0]] = array
     return out
 
+
 @_jit
 def mark_neighbourhood(mark, p, h, w, value):
     y = p // w
@@ -257,7 +258,6 @@ def block_groups(group_src: np.ndarray, n_src: int) -> tuple[np.ndarray, np.ndar
     src = np.arange(n_src)
     first = np.searchsorted(group_src, src, side="left")
     return first.astype(np.int64), (np.searchsorted(group_src, src, side="right") - first).astype(np.int64)
-
 
 
 @functools.lru_cache(maxsize=None)
