@@ -55,6 +55,12 @@ class TopImages:
         so the result does not depend on the order images come in."""
         vals = per_image.t()
         idx = index.to(vals.device)[None, :].expand_as(vals)
+        if self.values is not None and self.values.shape[1] >= self.k:
+            # only images at or above some unit's k-th value can enter (>=: a tie may win on index)
+            entering = (vals >= self.values[:, -1:]).any(dim=0)
+            if not bool(entering.any()):
+                return
+            vals, idx = vals[:, entering], idx[:, entering]
         if self.values is not None:
             vals = torch.cat([self.values, vals], dim=1)
             idx = torch.cat([self.index, idx], dim=1)

@@ -238,11 +238,13 @@ def test_top_images_do_not_depend_on_the_read_order():
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 4, (40, 5), generator=g).float()  # many ties
     results = []
-    for order in (torch.arange(40), torch.randperm(40, generator=g)):
+    strongest_first = torch.argsort(values.amax(dim=1), descending=True, stable=True)  # late batches mostly skipped
+    for order in (torch.arange(40), torch.randperm(40, generator=g), strongest_first):
         top = TopImages(k=10)
         for chunk in order.split(7):
             top.add(values[chunk], chunk)
         results.append((top.values, top.index))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
     want = sorted(range(40), key=lambda i: (-float(values[i, 2]), i))[:10]
     assert results[0][1][2].tolist() == want
