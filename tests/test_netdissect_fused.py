@@ -32,9 +32,24 @@ def assert_same_candidates(a: _Candidates, b: _Candidates) -> None:
         assert torch.equal(x, y), field
 
 
+def by_map(c: _Candidates) -> _Candidates:
+    """The store with its maps in (image, unit) order: the same content whatever the order
+    of the parts it came in."""
+    order = torch.argsort(c.images.long() * (int(c.units.max()) + 1) + c.units.long())
+    offsets = c.offsets()
+    entries = torch.cat([torch.arange(int(offsets[s]), int(offsets[s + 1])) for s in order.tolist()])
+    return _Candidates(c.units[order], c.images[order], c.maxima[order], c.counts[order], c.entry_pos[entries],
+                       c.entry_val[entries])
+
+
 @pytest.mark.parametrize("h,w,mh,mw", SHAPES)
 @pytest.mark.parametrize("cut_kind", ["quantile", "tie", "none", "all"])
-def test_sparsify_matches_the_tensor_path(h, w, mh, mw, cut_kind):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sparsify_matches_the_tensor_path(monkeypatch, h, w, mh, mw, cut_kind, threads):
+    from conceptmon.detectors import netdissect_cpu
+
+    monkeypatch.setattr(netdissect_cpu, "MIN_SPLIT", 1)
+    monkeypatch.setattr(netdissect_cpu, "threads", lambda: threads)
     acts = batch(6, 9, h, w, seed=h * w)
     cut = {"quantile": torch.quantile(acts.transpose(0, 1).reshape(9, -1), 0.9, dim=1),
            "tie": torch.full((9,), 1.4), "none": torch.full((9,), math.inf),
@@ -42,13 +57,19 @@ def test_sparsify_matches_the_tensor_path(h, w, mh, mw, cut_kind):
     bound = cut + 0.3
     images = torch.arange(100, 106)
     want, entry_unit = _sparsify(acts, cut, images, torch.int16)
-    got, pending_units, pending_values = _sparsify_fused(acts, acts.amax(dim=(2, 3)), cut, bound, images, torch.int16)
-    assert_same_candidates(got, want)
+    parts, pending_units, pending_values = _sparsify_fused(acts, acts.amax(dim=(2, 3)), cut, bound, images,
+                                                           torch.int16)
+    assert len(parts) <= threads
+    if parts:
+        assert_same_candidates(_Candidates.concat(parts), want)
+    else:
+        assert want.units.numel() == 0
     above = want.entry_val > bound[entry_unit]
     assert torch.equal(pending_units, entry_unit[above].to(torch.int32))
     assert torch.equal(pending_values, want.entry_val[above])
     if cut_kind == "all":
         assert want.entry_val.numel() == acts.numel()
+        assert len(parts) == min(threads, acts.shape[0] * acts.shape[1])
 
 
 @pytest.mark.parametrize("h,w,mh,mw", SHAPES)
@@ -143,9 +164,13 @@ def test_both_paths_give_bit_identical_labels(tmp_path, monkeypatch, replicates,
         acc = det.accumulator("x", 12)
         for start in range(0, 40, 6):
             acc.add(acts[start:start + 6], torch.arange(start, min(start + 6, 40)))
-        store = _Candidates.concat(acc.parts)  # before scores(), which selects maps on one path only
-        results[backend] = (acc.scores(), store)
+        # The stores differ in which entries the rolling prune has reached yet (the fused path
+        # keeps a part per thread); pruned to the final cut, before scores(), they are the same.
+        final = margin_below(netdissect.active_cut(acc.thresholds(), acc.floor))
+        store = _prune_candidates(_Candidates.concat(acc.parts), final, (6, 6))
+        results[backend] = (acc.scores(), by_map(store))
     (fused, fused_store), (tensor, tensor_store) = results["auto"], results["tensor"]
+    assert fused_store.entry_val.numel() > 0
     assert_same_candidates(fused_store, tensor_store)
     for field in ("scores", "dead", "confidence", "score_low", "score_high"):
         a, b = getattr(fused, field), getattr(tensor, field)
@@ -176,3 +201,13 @@ def test_split_covers_every_item_once_in_order(monkeypatch, n, threads, min_spli
         assert covered == list(range(n))
         assert len(ranges) <= max(1, threads)
     assert len(netdissect_cpu.split(1000, None)) == min(threads, 1000 // min_split)
+
+
+def test_append_rows_keeps_each_units_values_in_order():
+    from conceptmon.detectors import netdissect_cpu
+
+    block = np.full((3, 5), -np.inf, np.float32)
+    block[:, :2] = 9.0
+    netdissect_cpu.append_rows(block, 2, np.array([2, 0, 2, 2, 0], np.int32),
+                               np.array([1, 2, 3, 4, 5], np.float32))
+    assert block.tolist() == [[9, 9, 2, 5, -np.inf], [9, 9, -np.inf, -np.inf, -np.inf], [9, 9, 1, 3, 4]]

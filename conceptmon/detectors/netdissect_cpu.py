@@ -42,11 +42,11 @@ def mark_neighbourhood(mark, p, h, w, value):
             mark[yy * w + xx] = value
 
 @_jit
-def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w):
+def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w, pos_like):
     """For maps (map_image[s], map_unit[s]) of acts (B, U, h * w): the 3x3 neighbourhoods of
-    their pixels >= keep_cut[unit] in position order (count per map, positions, values),
-    and the kept values > pending_above[unit] (unit, value). The hot mask is dilated
-    separably, rows then columns, in loops the compiler vectorises."""
+    their pixels >= keep_cut[unit] in position order (count per map, positions of
+    pos_like's dtype, values), and the kept values > pending_above[unit] (unit, value).
+    The hot mask is dilated separably, rows then columns, in loops the compiler vectorises."""
     hw = h * w
     n_maps = map_image.shape[0]
     hot = np.zeros(hw, np.uint8)
@@ -54,7 +54,7 @@ def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w):
     row_hot = np.zeros(h + 2, np.uint8)  # row y + 1: whether row y has a hot pixel (rows -1, h: never)
     near = np.zeros(w, np.uint8)
     counts = np.empty(n_maps, np.int32)
-    entry_pos = np.empty(max(1024, n_maps * hw // 8), np.int32)
+    entry_pos = np.empty(max(1024, n_maps * hw // 8), pos_like.dtype)
     entry_val = np.empty(entry_pos.shape[0], np.float32)
     pend_unit = np.empty(1024, np.int32)
     pend_val = np.empty(1024, np.float32)
@@ -110,7 +110,20 @@ def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w):
                         pend_val[n_pending] = v
                         n_pending += 1
         counts[s] = n_entries - start
-    return counts, entry_pos[:n_entries], entry_val[:n_entries], pend_unit[:n_pending], pend_val[:n_pending]
+    # copies, not views: a view would keep the whole over-allocated buffer alive in the store
+    return (counts, entry_pos[:n_entries].copy(), entry_val[:n_entries].copy(), pend_unit[:n_pending].copy(),
+            pend_val[:n_pending].copy())
+
+
+@_jit
+def append_rows(block, start, units, values):
+    """block[units[i], start + j] = values[i], j counting the earlier values of the same
+    unit: each unit's values in their order after column ``start``."""
+    cursor = np.full(block.shape[0], start, np.int64)
+    for i in range(units.shape[0]):
+        u = units[i]
+        block[u, cursor[u]] = values[i]
+        cursor[u] += 1
 
 
 @_jit
@@ -144,7 +157,7 @@ def prune(units, maxima, counts, entry_pos, entry_val, cut, h, w):
                 if entry_val[j] >= c:
                     mark_neighbourhood(mark, entry_pos[j], h, w, False)
         lo = hi
-    return keep_map, new_count, new_pos[:n_kept], new_val[:n_kept]
+    return keep_map, new_count, new_pos[:n_kept].copy(), new_val[:n_kept].copy()  # compact, as in sparsify
 
 
 @_jit
@@ -293,4 +306,7 @@ def run_split(kernel, ranges: list[tuple[int, int]], args_of) -> list:
     results in range order: the same as one call over everything, concatenated."""
     if len(ranges) == 1:
         return [kernel(*args_of(*ranges[0]))]
-    return list(_pool(len(ranges)).map(lambda r: kernel(*args_of(*r)), ranges))
+    # the calling thread takes the first range itself rather than waiting idle
+    others = [_pool(len(ranges) - 1).submit(kernel, *args_of(*r)) for r in ranges[1:]]
+    first = kernel(*args_of(*ranges[0]))
+    return [first] + [f.result() for f in others]
