@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from conceptmon.entry import set_openmp_defaults
+
+set_openmp_defaults()  # as the conceptmon command does: before torch loads
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fixtures_clip builds the tiny CLIP

@@ -17,6 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from conceptmon.entry import set_openmp_defaults
+
+set_openmp_defaults()  # as the conceptmon command does: before torch loads
+
 import torch
 import torch.nn.functional as F
 
