@@ -14,7 +14,8 @@ from conceptmon.detectors import netdissect
 from conceptmon.detectors.netdissect import (BilinearGrid, MaskCache, _Candidates, _MapCountsFused, _MapCountsTensor,
                                              _prune_candidates, _prune_fused, _sparsify, _sparsify_fused, margin_below)
 
-SHAPES = [(28, 28, 56, 56), (7, 7, 56, 56), (5, 7, 16, 12), (1, 1, 8, 8), (16, 16, 8, 8), (3, 9, 10, 40), (2, 2, 3, 3)]
+SHAPES = [(28, 28, 56, 56), (7, 7, 56, 56), (5, 7, 16, 12), (1, 1, 8, 8), (16, 16, 8, 8), (3, 9, 10, 40), (2, 2, 3, 3),
+          (3, 64, 6, 128), (4, 65, 8, 130), (2, 130, 4, 260)]  # the last three: rows of one, two and three 64-bit words
 
 
 def batch(b: int, u: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -211,3 +212,11 @@ def test_append_rows_keeps_each_units_values_in_order():
     netdissect_cpu.append_rows(block, 2, np.array([2, 0, 2, 2, 0], np.int32),
                                np.array([1, 2, 3, 4, 5], np.float32))
     assert block.tolist() == [[9, 9, 2, 5, -np.inf], [9, 9, -np.inf, -np.inf, -np.inf], [9, 9, 1, 3, 4]]
+
+
+def test_lowest_bit_of_every_word():
+    from conceptmon.detectors import netdissect_cpu
+
+    for bit in range(64):
+        assert netdissect_cpu.lowest_bit(np.uint64(1 << bit)) == bit
+        assert netdissect_cpu.lowest_bit(np.uint64(((2**64 - 1) << bit) % 2**64)) == bit  # higher bits set too

@@ -92,6 +92,9 @@ def test_kept_state_is_far_smaller_than_the_maps(tmp_path):
     assert state["top_values"] == u * state["k"] * 4
     assert state["pending"] <= state["peak_pending"] and state["total"] == sum(
         state[key] for key in ("top_values", "pending", "candidates"))
+    assert state["candidates"] == sum(part.nbytes() for part in acc.parts) > 0  # the running count is right
+    acc.scores()
+    assert acc.state_bytes()["candidates"] == sum(part.nbytes() for part in acc.parts)
 
 
 def test_active_cut_rule():

@@ -829,6 +829,7 @@ def _prune_fused(c: _Candidates, cut: torch.Tensor, shape: tuple[int, int]) -> _
 
 class _IoUAccumulator(LayerAccumulator):
     min_merge = 64
+    merge_share = 0.25
     """Pending values per unit that trigger a top-K merge at the least (tests lower it)."""
     prune_share = 0.1
     prune_per_unit = 8
@@ -859,6 +860,7 @@ class _IoUAccumulator(LayerAccumulator):
         self.pending_count: torch.Tensor | None = None  # (U,)
         self.parts: list[_Candidates] = []  # the only activations kept between batches
         self.entries = 0
+        self.store_bytes = 0  # sum of the parts' nbytes, kept up to date (summing ~1,000 parts per batch was slow)
         self.merged_values = 0  # values that ever entered the top-K merge (the linear-cost claim)
         self.peak = {"top_values": 0, "pending": 0, "candidates": 0}
         self.speculative: torch.Tensor | None = None  # (U,) speculative keep cut now (-inf: none)
@@ -879,7 +881,7 @@ class _IoUAccumulator(LayerAccumulator):
         self.pending_count = torch.zeros(u, dtype=torch.long, device=dev)
         self.map_shape = (h, w)
         self.pos_dtype = torch.int16 if h * w <= 32767 else torch.int32
-        self.merge_at = max(self.k // 4, self.min_merge)
+        self.merge_at = max(int(self.k * self.merge_share), self.min_merge)
         self.speculative = torch.full((u,), -math.inf, device=dev)
         self.speculated = self.speculative.clone()
 
@@ -978,6 +980,7 @@ class _IoUAccumulator(LayerAccumulator):
         self.parts += parts
         added = sum(part.entry_val.numel() for part in parts)
         self.entries += added
+        self.store_bytes += sum(part.nbytes() for part in parts)
         if pending_values.numel():
             self.pending_units.append(pending_units)
             self.pending_values.append(pending_values)
@@ -1048,6 +1051,7 @@ class _IoUAccumulator(LayerAccumulator):
             pruned = prune(_Candidates.concat(taken), self._keep_cut(), self.map_shape)
             self.parts.append(pruned)
             self.entries += pruned.entry_val.numel() - before
+            self.store_bytes += pruned.nbytes() - sum(p.nbytes() for p in taken)
 
     def _note_peak(self) -> None:
         for key, value in self._state().items():
@@ -1056,7 +1060,7 @@ class _IoUAccumulator(LayerAccumulator):
     def _state(self) -> dict:
         top = self.top.numel() * self.top.element_size() if self.top is not None else 0
         pending = sum(t.numel() * t.element_size() for t in self.pending_units + self.pending_values)
-        return {"top_values": top, "pending": pending, "candidates": sum(p.nbytes() for p in self.parts)}
+        return {"top_values": top, "pending": pending, "candidates": self.store_bytes}
 
     def state_bytes(self) -> dict:
         """Memory held between batches now (top-K values, pending values, sparse candidates),
@@ -1121,6 +1125,7 @@ class _IoUAccumulator(LayerAccumulator):
         if self.parts:
             cand = _Candidates.concat(self.parts)
             self.parts = [cand if fused else cand.select_maps(margin_below(cut))]
+            self.store_bytes = self.parts[0].nbytes()
         inter = torch.zeros(self.n_units, n_concepts, dtype=torch.float64, device=dev)
         act_area = torch.zeros(self.n_units, n_cat, dtype=torch.float64, device=dev)
         total_area = torch.zeros(self.n_units, dtype=torch.float64, device=dev)

@@ -41,18 +41,36 @@ def mark_neighbourhood(mark, p, h, w, value):
         for xx in range(max(x - 1, 0), min(x + 2, w)):
             mark[yy * w + xx] = value
 
+_DEBRUIJN = np.uint64(0x03F79D71B4CB0A89)
+_DEBRUIJN_BIT = np.zeros(64, np.int64)
+for _bit in range(64):
+    _DEBRUIJN_BIT[((1 << _bit) * 0x03F79D71B4CB0A89 % 2**64) >> 58] = _bit
+
+
+@_jit
+def lowest_bit(m):
+    """The index of the lowest set bit of m > 0 (uint64), by a de Bruijn sequence."""
+    return _DEBRUIJN_BIT[((m & (~m + np.uint64(1))) * _DEBRUIJN) >> np.uint64(58)]
+
+
 @_jit
 def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w, pos_like):
     """For maps (map_image[s], map_unit[s]) of acts (B, U, h * w): the 3x3 neighbourhoods of
     their pixels >= keep_cut[unit] in position order (count per map, positions of
     pos_like's dtype, values), and the kept values > pending_above[unit] (unit, value).
-    The hot mask is dilated separably, rows then columns, in loops the compiler vectorises."""
+
+    Each row's hot pixels are a bit mask (64 pixels a word), dilated along the row by
+    shifts and across rows by ORs; the entries are read off the set bits, so the work per
+    map is a compare per pixel plus a few operations per word and per entry (no pass over
+    the pixels that are not kept)."""
     hw = h * w
+    n_words = (w + 63) // 64
     n_maps = map_image.shape[0]
-    hot = np.zeros(hw, np.uint8)
-    wide = np.zeros(hw, np.uint8)
-    row_hot = np.zeros(h + 2, np.uint8)  # row y + 1: whether row y has a hot pixel (rows -1, h: never)
-    near = np.zeros(w, np.uint8)
+    one = np.uint64(1)
+    top_bit = np.uint64(63)
+    last = np.uint64(0xFFFFFFFFFFFFFFFF) if w % 64 == 0 else (one << np.uint64(w % 64)) - one  # the last word's pixels
+    rows = np.zeros((h + 2, n_words), np.uint64)  # row y + 1: row y's hot pixels dilated along x; rows 0, h + 1 stay 0
+    hot = np.zeros(n_words, np.uint64)
     counts = np.empty(n_maps, np.int32)
     entry_pos = np.empty(max(1024, n_maps * hw // 8), pos_like.dtype)
     entry_val = np.empty(entry_pos.shape[0], np.float32)
@@ -64,21 +82,30 @@ def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w, pos_like)
         u = map_unit[s]
         row = acts[map_image[s], u]
         cut = keep_cut[u]
-        for p in range(hw):
-            hot[p] = row[p] >= cut
-        for y in range(h):  # rows without a hot pixel are skipped from here on
+        for y in range(h):
             o = y * w
-            any_hot = np.uint8(0)
-            for x in range(w):
-                any_hot |= hot[o + x]
-            row_hot[y + 1] = any_hot
-            if any_hot:
+            if n_words == 1:  # (maps up to 64 wide: the usual case, kept branch-free)
+                m = np.uint64(0)
                 for x in range(w):
-                    wide[o + x] = hot[o + x]
-                for x in range(1, w):
-                    wide[o + x] |= hot[o + x - 1]
-                for x in range(w - 1):
-                    wide[o + x] |= hot[o + x + 1]
+                    m |= np.uint64(row[o + x] >= cut) << np.uint64(x)
+                rows[y + 1, 0] = (m | (m << one) | (m >> one)) & last
+                continue
+            for j in range(n_words):
+                m = np.uint64(0)
+                x0 = 64 * j
+                for x in range(x0, min(x0 + 64, w)):
+                    m |= np.uint64(row[o + x] >= cut) << np.uint64(x - x0)
+                hot[j] = m
+            for j in range(n_words):  # neighbours across word boundaries come from the next words' end bits
+                m = hot[j]
+                d = m | (m << one) | (m >> one)
+                if j > 0:
+                    d |= hot[j - 1] >> top_bit
+                if j + 1 < n_words:
+                    d |= hot[j + 1] << top_bit
+                else:
+                    d &= last
+                rows[y + 1, j] = d
         if n_entries + hw > entry_pos.shape[0]:  # (growing only when needed keeps the loops fast)
             entry_pos = grow(entry_pos, n_entries + hw)
             entry_val = grow(entry_val, n_entries + hw)
@@ -88,19 +115,12 @@ def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w, pos_like)
         start = n_entries
         above = pending_above[u]
         for y in range(h):
-            if not (row_hot[y] | row_hot[y + 1] | row_hot[y + 2]):
-                continue
             o = y * w
-            # the rows y - 1, y, y + 1 that have a hot pixel (only their `wide` was written)
-            for x in range(w):
-                near[x] = 0
-            for dy in range(-1, 2):
-                if row_hot[y + 1 + dy]:
-                    r = o + dy * w
-                    for x in range(w):
-                        near[x] |= wide[r + x]
-            for x in range(w):
-                if near[x]:
+            for j in range(n_words):
+                near = rows[y, j] | rows[y + 1, j] | rows[y + 2, j]
+                while near:
+                    x = 64 * j + lowest_bit(near)
+                    near &= near - one
                     v = row[o + x]
                     entry_pos[n_entries] = o + x
                     entry_val[n_entries] = v
