@@ -146,7 +146,7 @@ class MapExtrema:
         """acts: (B, U, H, W) maps or (B, U) linear outputs. NaN propagates into both."""
         if acts.dim() == 2:
             return cls(acts, acts.amin(dim=0))
-        return cls(acts.amax(dim=(2, 3)), acts.amin(dim=(0, 2, 3)))
+        return cls(acts.amax(dim=(2, 3)), acts.amin(dim=(2, 3)).amin(dim=0))  # (contiguous reductions: faster)
 
 
 class LayerAccumulator(ABC):
