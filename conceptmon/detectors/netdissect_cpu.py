@@ -6,7 +6,10 @@ those passes, not the arithmetic, were most of dissect's cost. These kernels do 
 work in one loop per map, with the same float32 operations in the same order, so both
 paths give bit-identical results (the tests run both against the brute-force reference
 and against each other). numba is already installed with umap-learn; it is imported only
-when a CPU dissection first needs a kernel (this module is imported lazily).
+when a CPU dissection first needs a kernel (this module is imported lazily). Work is split
+over torch's thread count; torch's own OpenMP threads would spin on the same cores right
+after each forward op, which is why the ``conceptmon`` command caps their busy-wait
+(:data:`conceptmon.entry.OPENMP_DEFAULTS`).
 """
 from __future__ import annotations
 
