@@ -802,13 +802,18 @@ def _sparsify_fused(acts: torch.Tensor, maxima: torch.Tensor, cut: torch.Tensor,
     from . import netdissect_cpu
 
     b, u, h, w = acts.shape
-    flat = acts.contiguous().view(b, u, h * w).numpy()
-    args = (flat, maxima.contiguous().numpy(), images.numpy(), cut.contiguous().numpy(),
-            pending_above.contiguous().numpy(), h, w, torch.empty(0, dtype=pos_dtype).numpy())
-    results = netdissect_cpu.run_split(netdissect_cpu.sparsify, netdissect_cpu.split(b * u),
-                                       lambda lo, hi: (*args, lo, hi))
-    parts = [_Candidates(*(torch.from_numpy(a) for a in r[:6])) for r in results if len(r[0])]
-    pend_unit, pend_val = (torch.from_numpy(np.concatenate([r[i] for r in results])) for i in (6, 7))
+    acts = acts.contiguous()
+    img_i, unit_i = torch.nonzero(maxima >= cut[None, :], as_tuple=True)
+    flat, maps_image, maps_unit = acts.view(b, u, h * w).numpy(), img_i.numpy(), unit_i.numpy()
+    cut_np, pending_np = cut.contiguous().numpy(), pending_above.contiguous().numpy()
+    pos_like = torch.empty(0, dtype=pos_dtype).numpy()
+    ranges = netdissect_cpu.split(len(maps_image))
+    results = netdissect_cpu.run_split(netdissect_cpu.sparsify, ranges, lambda lo, hi: (
+        flat, maps_image[lo:hi], maps_unit[lo:hi], cut_np, pending_np, h, w, pos_like))
+    map_units, map_images, map_maxima = unit_i.to(torch.int32), images[img_i].to(torch.int32), maxima[img_i, unit_i]
+    parts = [_Candidates(map_units[lo:hi], map_images[lo:hi], map_maxima[lo:hi], *(torch.from_numpy(a) for a in r[:3]))
+             for (lo, hi), r in zip(ranges, results) if hi > lo]
+    pend_unit, pend_val = (torch.from_numpy(np.concatenate([r[i] for r in results])) for i in (3, 4))
     return parts, pend_unit, pend_val
 
 

@@ -57,12 +57,10 @@ def lowest_bit(m):
 
 
 @_jit
-def sparsify(acts, maxima, images, keep_cut, pending_above, h, w, pos_like, lo, hi):
-    """For the maps s = b * U + u in lo..hi-1 of acts (B, U, h * w) whose maximum
-    maxima[b, u] is >= keep_cut[u]: their unit, image (images[b]) and maximum, and the 3x3
-    neighbourhoods of their pixels >= keep_cut[u] in position order (count per map,
-    positions of pos_like's dtype, values); and the kept values > pending_above[unit]
-    (unit, value).
+def sparsify(acts, map_image, map_unit, keep_cut, pending_above, h, w, pos_like):
+    """For maps (map_image[s], map_unit[s]) of acts (B, U, h * w): the 3x3 neighbourhoods of
+    their pixels >= keep_cut[unit] in position order (count per map, positions of
+    pos_like's dtype, values), and the kept values > pending_above[unit] (unit, value).
 
     Each row's hot pixels are a bit mask (64 pixels a word), dilated along the row by
     shifts and across rows by ORs; the entries are read off the set bits, so the work per
@@ -70,31 +68,23 @@ def sparsify(acts, maxima, images, keep_cut, pending_above, h, w, pos_like, lo, 
     the pixels that are not kept)."""
     hw = h * w
     n_words = (w + 63) // 64
-    n_units = acts.shape[1]
-    n_maps = hi - lo
+    n_maps = map_image.shape[0]
     one = np.uint64(1)
     top_bit = np.uint64(63)
     last = np.uint64(0xFFFFFFFFFFFFFFFF) if w % 64 == 0 else (one << np.uint64(w % 64)) - one  # the last word's pixels
     rows = np.zeros((h + 2, n_words), np.uint64)  # row y + 1: row y's hot pixels dilated along x; rows 0, h + 1 stay 0
     hot = np.zeros(n_words, np.uint64)
-    map_unit = np.empty(n_maps, np.int32)
-    map_image = np.empty(n_maps, np.int32)
-    map_max = np.empty(n_maps, np.float32)
     counts = np.empty(n_maps, np.int32)
-    entry_pos = np.empty(max(1024, n_maps * hw // 16), pos_like.dtype)
+    entry_pos = np.empty(max(1024, n_maps * hw // 8), pos_like.dtype)
     entry_val = np.empty(entry_pos.shape[0], np.float32)
     pend_unit = np.empty(1024, np.int32)
     pend_val = np.empty(1024, np.float32)
-    n_selected = 0
     n_entries = 0
     n_pending = 0
-    for s in range(lo, hi):
-        b = s // n_units
-        u = s - b * n_units
+    for s in range(n_maps):
+        u = map_unit[s]
+        row = acts[map_image[s], u]
         cut = keep_cut[u]
-        if not maxima[b, u] >= cut:
-            continue
-        row = acts[b, u]
         for y in range(h):
             o = y * w
             if n_words == 1:  # (maps up to 64 wide: the usual case, kept branch-free)
@@ -142,15 +132,10 @@ def sparsify(acts, maxima, images, keep_cut, pending_above, h, w, pos_like, lo, 
                         pend_unit[n_pending] = u
                         pend_val[n_pending] = v
                         n_pending += 1
-        map_unit[n_selected] = u
-        map_image[n_selected] = images[b]
-        map_max[n_selected] = maxima[b, u]
-        counts[n_selected] = n_entries - start
-        n_selected += 1
+        counts[s] = n_entries - start
     # copies, not views: a view would keep the whole over-allocated buffer alive in the store
-    return (map_unit[:n_selected].copy(), map_image[:n_selected].copy(), map_max[:n_selected].copy(),
-            counts[:n_selected].copy(), entry_pos[:n_entries].copy(), entry_val[:n_entries].copy(),
-            pend_unit[:n_pending].copy(), pend_val[:n_pending].copy())
+    return (counts, entry_pos[:n_entries].copy(), entry_val[:n_entries].copy(), pend_unit[:n_pending].copy(),
+            pend_val[:n_pending].copy())
 
 
 @_jit
