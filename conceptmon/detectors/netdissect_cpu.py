@@ -194,6 +194,9 @@ def score(units, images, maxima, counts, entry_pos, entry_val, cut, hot_cut, h, 
     are evaluated, with the tensor path's float32 operations in its order."""
     n_maps = units.shape[0]
     dense = np.full(h * w, _UNKNOWN, np.float32)
+    cols = np.empty(wx0.shape[0], np.int64)
+    tops = np.empty(wx0.shape[0], np.float32)
+    bottoms = np.empty(wx0.shape[0], np.float32)
     marked = np.zeros(h * w, np.bool_)
     blocks = np.empty(h * w, np.int64)
     concept_count = np.zeros(n_concepts, np.int64)
@@ -244,24 +247,31 @@ def score(units, images, maxima, counts, entry_pos, entry_val, cut, hot_cut, h, 
             v01 = dense[by * w + bx1]
             v10 = dense[by1 * w + bx]
             v11 = dense[by1 * w + bx1]
+            n_x = 0  # the block's output columns, with their row-wise interpolations (same for every row)
+            for gx in range(x_first[bx], x_first[bx] + x_groups[bx]):
+                for k in range(x_count[gx]):
+                    ox = x_start[gx] + k
+                    cols[n_x] = ox
+                    tops[n_x] = v00 * wx0[ox] + v01 * wx1[ox]
+                    bottoms[n_x] = v10 * wx0[ox] + v11 * wx1[ox]
+                    n_x += 1
             for gy in range(y_first[by], y_first[by] + y_groups[by]):
                 for r in range(y_count[gy]):
                     oy = y_start[gy] + r
-                    for gx in range(x_first[bx], x_first[bx] + x_groups[bx]):
-                        for k in range(x_count[gx]):
-                            ox = x_start[gx] + k
-                            top = v00 * wx0[ox] + v01 * wx1[ox]
-                            bottom = v10 * wx0[ox] + v11 * wx1[ox]
-                            value = top * wy0[oy] + bottom * wy1[oy]
-                            if value >= c:
-                                active += 1
-                                for mi in range(m0, m1):
-                                    label = masks[mi, oy, ox]
-                                    if label > 0:
-                                        if concept_count[label - 1] == 0:
-                                            touched[n_touched] = label - 1
-                                            n_touched += 1
-                                        concept_count[label - 1] += 1
+                    a = wy0[oy]
+                    b = wy1[oy]
+                    for i in range(n_x):
+                        value = tops[i] * a + bottoms[i] * b
+                        if value >= c:
+                            ox = cols[i]
+                            active += 1
+                            for mi in range(m0, m1):
+                                label = masks[mi, oy, ox]
+                                if label > 0:
+                                    if concept_count[label - 1] == 0:
+                                        touched[n_touched] = label - 1
+                                        n_touched += 1
+                                    concept_count[label - 1] += 1
         for j in range(lo, hi):
             dense[entry_pos[j]] = _UNKNOWN
         area[s] = active
