@@ -829,7 +829,6 @@ def _prune_fused(c: _Candidates, cut: torch.Tensor, shape: tuple[int, int]) -> _
 
 class _IoUAccumulator(LayerAccumulator):
     min_merge = 64
-    merge_share = 0.25
     """Pending values per unit that trigger a top-K merge at the least (tests lower it)."""
     prune_share = 0.1
     prune_per_unit = 8
@@ -881,7 +880,7 @@ class _IoUAccumulator(LayerAccumulator):
         self.pending_count = torch.zeros(u, dtype=torch.long, device=dev)
         self.map_shape = (h, w)
         self.pos_dtype = torch.int16 if h * w <= 32767 else torch.int32
-        self.merge_at = max(int(self.k * self.merge_share), self.min_merge)
+        self.merge_at = max(self.k // 4, self.min_merge)
         self.speculative = torch.full((u,), -math.inf, device=dev)
         self.speculated = self.speculative.clone()
 
